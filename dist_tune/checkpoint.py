@@ -1,0 +1,134 @@
+"""Run-directory layout, atomic checkpoints (tmp dir → fsync → rename, COMPLETE marker) and resume discovery."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training is: enough to continue on exactly the next batch."""
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    consecutive_bad_steps: int = 0
+    skipped_steps: int = 0
+    model_name: str = ""
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / COMPLETE).is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete or corrupt ones are reported and skipped."""
+    found = []
+    for path in sorted(checkpoints_dir(run_dir).glob("step_*")):
+        if path.name.endswith(".tmp") or not is_complete(path):
+            log.warning("ignoring incomplete checkpoint %s (no %s marker or unreadable state)", path, COMPLETE)
+            continue
+        found.append(path)
+    return found
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int | None) -> Path:
+    """Collective: every rank writes its part into step_N.tmp; rank 0 marks it complete and renames it."""
+    final = step_dir(run_dir, state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = engine.env.rank
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    engine.barrier()
+    engine.save(tmp)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    engine.barrier()
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        _fsync_tree(tmp)
+        (tmp / COMPLETE).write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_tree(final.parent)
+        prune_checkpoints(run_dir, total_limit)
+    engine.barrier()
+    return final
+
+
+def prune_checkpoints(run_dir: Path, total_limit: int | None) -> None:
+    """Keep the newest `total_limit` complete checkpoints; never delete the only complete one."""
+    if not total_limit:
+        return
+    for path in complete_checkpoints(run_dir)[:-max(total_limit, 1)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path) -> TrainState:
+    engine.load(path)
+    rng_file = path / f"rng_rank{engine.env.rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_state(path)

@@ -1,0 +1,108 @@
+"""`dist-tune` command line (fire): train, eval, generate, export, merge-adapter, estimate-memory, show-config, report."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import fire
+
+from dist_tune.config import Config, dump_config, load_config
+from dist_tune.errors import UserError
+from dist_tune.metrics import rank_logging
+
+RECIPES = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "demo"
+
+
+def resolve_recipe(config: str | None) -> Path:
+    """A YAML path, or the name of a packaged recipe (demo, ...); none means the demo."""
+    if config is None:
+        return RECIPES / f"{DEFAULT_RECIPE}.yaml"
+    packaged = RECIPES / f"{config}.yaml"
+    if not Path(config).exists() and packaged.is_file():
+        return packaged
+    return Path(config)
+
+
+def _config(config: str | None, overrides: dict) -> Config:
+    return load_config(resolve_recipe(config), overrides)
+
+
+def train(config: str | None = None, **overrides) -> None:
+    """Train. CONFIG is a YAML file or packaged recipe; overrides like --optim.lr=1e-4."""
+    from dist_tune.run import train as run_train
+
+    summary = run_train(_config(config, overrides))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, default=str))
+
+
+def show_config(config: str | None = None, **overrides) -> None:
+    """Print the resolved config (defaults + YAML + overrides) as YAML."""
+    print(dump_config(_config(config, overrides)), end="")
+
+
+def eval(run_dir: str, **overrides) -> None:  # noqa: A001 - the command is called eval
+    """Evaluate a finished run's final model on its validation data (overrides like --data.validation_path=...)."""
+    from dist_tune.evaluate import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(run_dir), overrides)))
+
+
+def generate(run_dir: str, prompt: str, input: str = "", max_new_tokens: int = 64,  # noqa: A002
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> None:
+    """Generate from a trained causal LM; instruction runs wrap PROMPT in their training template."""
+    from dist_tune.evaluate import generate_text
+
+    print(generate_text(Path(run_dir), prompt, input, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed))
+
+
+def export(run_dir: str, out: str | None = None, checkpoint: str | None = None) -> None:
+    """Consolidate the latest (or given) checkpoint of any engine into one HF save_pretrained directory."""
+    from dist_tune.export import export_checkpoint
+
+    print(export_checkpoint(Path(run_dir), out and Path(out), checkpoint and Path(checkpoint)))
+
+
+def merge_adapter(run_dir: str, out: str | None = None) -> None:
+    """Merge a run's peft adapter into its base model and save a plain transformers model."""
+    from dist_tune.export import merge_adapter as merge
+
+    print(merge(Path(run_dir), out and Path(out)))
+
+
+def estimate_memory(config: str | None = None, world_size: int = 1, **overrides) -> None:
+    """Per-GPU model-state and activation memory estimate for a config at a world size."""
+    from dist_tune.estimate import estimate, format_estimate
+
+    print(format_estimate(estimate(_config(config, overrides), world_size)))
+
+
+def report(run_dir: str) -> None:
+    """Summary table of a finished or interrupted run."""
+    from dist_tune.metrics import report as run_report
+
+    print(run_report(Path(run_dir)))
+
+
+COMMANDS = {"train": train, "eval": eval, "generate": generate, "export": export, "merge-adapter": merge_adapter,
+            "estimate-memory": estimate_memory, "show-config": show_config, "report": report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    rank_logging(int(os.environ.get("RANK", "0")))
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["--help"]
+    try:
+        fire.Fire(COMMANDS, command=argv, name="dist-tune")
+    except UserError as exc:
+        print(f"dist-tune: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

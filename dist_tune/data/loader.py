@@ -1,0 +1,36 @@
+"""DataLoader construction for training and evaluation."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dist_tune.config import Config
+from dist_tune.data.collate import make_collator
+from dist_tune.data.sampler import ResumableSampler
+from dist_tune.errors import DataError
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed Python and NumPy in a worker from its torch seed (itself derived from the loader's generator)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loader(dataset, cfg: Config, tokenizer, *, rank: int, world_size: int, shuffle: bool,
+                 seed: int) -> tuple[DataLoader, ResumableSampler]:
+    """Training loader (shuffle=True: shuffled, equal whole batches on every rank) or evaluation loader
+    (shuffle=False: every sample once across ranks, last batch may be partial). Resume via sampler.set_epoch."""
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                               drop_last=shuffle)
+    batch_size = cfg.train.micro_batch_size
+    if shuffle and len(sampler) < batch_size:
+        raise DataError(f"the training set has {len(dataset)} rows, fewer than one batch of train.micro_batch_size="
+                        f"{batch_size} per rank on {world_size} rank(s); lower train.micro_batch_size or add data")
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=make_collator(cfg, tokenizer),
+                        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory, drop_last=shuffle,
+                        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed + rank))
+    return loader, sampler

@@ -1,0 +1,120 @@
+"""build_datasets: load, check, split, tokenize (cached by a deterministic fingerprint) and pack."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+
+from dist_tune.config import Config
+from dist_tune.data.formats import (ENCODERS, check_fields, encode_labels, label_names, output_features,
+                                    prompt_templates)
+from dist_tune.data.packing import pack
+from dist_tune.data.sources import load_records, resolve_path
+from dist_tune.errors import DataError
+
+LOADER_FIELDS = ("num_workers", "pin_memory", "cache_dir")
+
+
+def _source_identity(path: str) -> list:
+    """Path, size and mtime of the source file(s): a change to any of them invalidates the cache."""
+    resolved = resolve_path(path)
+    files = sorted(p for p in resolved.rglob("*") if p.is_file()) if resolved.is_dir() else [resolved]
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer)
+    specials = (type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return hashlib.sha256(f"{state}{specials}".encode()).hexdigest()
+
+
+def _code_hash() -> str:
+    sources = sorted(Path(__file__).parent.glob("*.py"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+
+
+def _fingerprint(cfg: Config, tokenizer, role: str, names: list[str] | None) -> str:
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in LOADER_FIELDS}
+    key = {
+        "role": role, "data": data, "task": cfg.model.task, "names": names, "seed": cfg.train.seed,
+        "path": _source_identity(cfg.data.path),
+        "validation_path": cfg.data.validation_path and _source_identity(cfg.data.validation_path),
+        "tokenizer": _tokenizer_hash(tokenizer), "code": _code_hash(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cache_dir(cfg: Config) -> Path:
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "dist_tune"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _check_config(cfg: Config) -> None:
+    if cfg.data.format == "instruction":
+        prompt_templates(cfg.data.prompt_template)
+    if cfg.data.pack and cfg.data.format == "classification":
+        raise DataError("data.pack packs text and instruction rows, not classification rows; set data.pack=false")
+
+
+def _load(cfg: Config, path: str, key: str, split: str) -> datasets.Dataset:
+    raw = load_records(path, key=key, split=split)
+    check_fields(raw, cfg, path)
+    return raw
+
+
+def _with_labels(raw: datasets.Dataset, cfg: Config, names: list[str] | None, source: str) -> datasets.Dataset:
+    """Encode labels before any split so errors name rows of the source file."""
+    return encode_labels(raw, cfg, names, source) if cfg.data.format == "classification" else raw
+
+
+def _split(raw: datasets.Dataset, cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset]:
+    n_val = max(1, round(len(raw) * cfg.data.validation_split))
+    if n_val >= len(raw):
+        raise DataError(f"'{cfg.data.path}' has {len(raw)} rows, too few to hold out data.validation_split="
+                        f"{cfg.data.validation_split}; set data.validation_split=0 or data.validation_path")
+    parts = raw.train_test_split(test_size=n_val, seed=cfg.train.seed, shuffle=True, keep_in_memory=True)
+    return parts["train"], parts["test"]
+
+
+def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: list[str] | None,
+              source: str) -> datasets.Dataset:
+    fingerprint = _fingerprint(cfg, tokenizer, role, names)
+    encoded = raw.map(
+        functools.partial(ENCODERS[cfg.data.format], tokenizer=tokenizer, cfg=cfg),
+        batched=True, remove_columns=raw.column_names, features=output_features(cfg, names),
+        cache_file_name=str(_cache_dir(cfg) / f"{role}-{fingerprint}.arrow"), new_fingerprint=fingerprint,
+        load_from_cache_file=True, desc=f"Tokenizing {role} data",
+    )
+    if len(encoded) == 0:
+        raise DataError(f"{role} data from '{source}' has no usable rows after tokenization (every response cut off "
+                        f"at data.max_length={cfg.data.max_length}, or empty texts); raise data.max_length or fix the data")
+    if cfg.data.pack:
+        return pack(encoded, cfg.data.max_length, split_examples=cfg.data.format == "text")
+    return encoded
+
+
+def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Train and validation datasets of model-ready rows: `input_ids`, `labels` and, when packed, `position_ids`.
+
+    Validation comes from data.validation_path, else a data.validation_split hold-out seeded by train.seed,
+    else is None. Classification labels are a ClassLabel feature (`train.features['labels'].names`)."""
+    _check_config(cfg)
+    data = cfg.data
+    train_raw = _load(cfg, data.path, "data.path", "train")
+    names = label_names(cfg, train_raw)
+    train_raw = _with_labels(train_raw, cfg, names, data.path)
+    val_raw, val_source = None, data.path
+    if data.validation_path:
+        val_source = data.validation_path
+        val_raw = _with_labels(_load(cfg, val_source, "data.validation_path", "validation"), cfg, names, val_source)
+    elif data.validation_split > 0:
+        train_raw, val_raw = _split(train_raw, cfg)
+    train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path)
+    val = _tokenize(val_raw, cfg, tokenizer, "validation", names, val_source) if val_raw is not None else None
+    return train, val

@@ -1,0 +1,142 @@
+"""The interface every engine implements; the trainer talks to nothing else."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from dist_tune.cluster import ClusterEnv
+from dist_tune.config import Config
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(cfg: Config, env: ClusterEnv) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is present (unless train.device says otherwise), else CPU."""
+    wanted = cfg.train.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda":
+        return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device(wanted)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into decayed weights and undecayed norms/biases/1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_norm_or_bias = p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+        (no_decay if is_norm_or_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Engine:
+    """Owns the wrapped model, optimizer and scheduler; hides how gradients are synced and state is saved."""
+
+    name = "base"
+    shards_state = False
+
+    def __init__(self, cfg: Config, env: ClusterEnv):
+        self.cfg = cfg
+        self.env = env
+        self.device = pick_device(cfg, env)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # --- lifecycle -------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
+                scheduler_factory: SchedulerFactory) -> None:
+        raise NotImplementedError
+
+    def unwrap(self) -> torch.nn.Module:
+        """The HF (or peft) module with its original class and methods."""
+        return self.model
+
+    # --- step ------------------------------------------------------------
+    def autocast(self):
+        dtype = AUTOCAST.get(self.cfg.engine.mixed_precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        with self.autocast():
+            return self.model(**batch)
+
+    def loss_scale(self) -> float:
+        """Factor undoing the averaging the backend applies, so a globally normalised loss stays global."""
+        return 1.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale()).backward()
+
+    def no_sync(self, is_last_micro_step: bool):
+        return contextlib.nullcontext()
+
+    def clip_and_norm(self) -> torch.Tensor:
+        max_norm = self.cfg.optim.max_grad_norm or float("inf")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def step(self, skip: bool = False) -> float:
+        """Clip, step optimizer and scheduler (unless skip), zero grads; returns the pre-clip grad norm."""
+        norm = self.clip_and_norm()
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not skip and torch.isfinite(torch.tensor(norm)):
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- state -------------------------------------------------------------
+    def save(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The complete model state on rank 0 (CPU tensors), None on other ranks."""
+        raise NotImplementedError
+
+    def local_state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters and optimizer state held by this rank (shards counted at local size)."""
+        params = sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())
+        optim = 0
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.ndim > 0:
+                    optim += _local(value).numel() * _local(value).element_size()
+        return {"param_bytes": params, "optim_bytes": optim}
+
+    # --- collectives -------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,0 +1,50 @@
+"""Model transforms shared by engines, applied as functions (torchtitan style)."""
+from __future__ import annotations
+
+import torch
+
+from dist_tune.config import Config
+from dist_tune.models import decoder_layers
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant, so frozen inputs are fine)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """torch.compile each decoder block in place (keeps module classes and state-dict keys)."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def apply_common(model: torch.nn.Module, cfg: Config) -> None:
+    if cfg.engine.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.engine.compile:
+        apply_compile(model)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters only: what a checkpoint must hold beyond the base weights."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a trainable-state dict into the model, requiring exactly the same keys and shapes."""
+    from dist_tune.errors import UserError
+
+    own = dict(model.named_parameters())
+    expected = {n for n, p in own.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise UserError(f"checkpoint does not match this model (missing {missing}, unexpected {extra}); "
+                        "resume only into the same model and peft settings, or set train.resume=none")
+    with torch.no_grad():
+        for name, value in state.items():
+            if own[name].shape != value.shape:
+                raise UserError(f"checkpoint tensor '{name}' has shape {tuple(value.shape)} but the model has "
+                                f"{tuple(own[name].shape)}; resume only into the same model")
+            own[name].copy_(value)

@@ -1,0 +1,116 @@
+"""Model and tokenizer loading: a local HF directory, or a named random-init preset with the shipped tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+)
+
+from dist_tune.config import Config
+from dist_tune.errors import UserError
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                       rope_theta=500000.0),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The model directory's tokenizer, or the shipped one for presets; a pad token is always set."""
+    source = TOKENIZER_DIR if cfg.model.name_or_path in PRESETS else _model_dir(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise UserError(f"tokenizer at '{source}' has no pad, eos or unk token; add a pad token to its tokenizer_config.json")
+    return tokenizer
+
+
+def _model_dir(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model path '{name_or_path}' not found; set model.name_or_path to a local HF model "
+                        f"directory or a preset ({', '.join(PRESETS)})")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model path '{name_or_path}' has no config.json, so it is not a HF model directory; "
+                        "point model.name_or_path at the folder written by save_pretrained")
+    return path
+
+
+def model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase):
+    """The transformers config the model will be built or loaded with."""
+    if cfg.model.name_or_path in PRESETS:
+        shape = {"vocab_size": len(tokenizer), **PRESETS[cfg.model.name_or_path]}
+        hf_cfg = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    else:
+        hf_cfg = AutoConfig.from_pretrained(str(_model_dir(cfg.model.name_or_path)))
+    if cfg.model.max_position_embeddings:
+        hf_cfg.max_position_embeddings = cfg.model.max_position_embeddings
+    if cfg.model.task != "causal_lm":
+        hf_cfg.num_labels = 1 if cfg.model.task == "regression" else cfg.model.num_labels
+        hf_cfg.problem_type = "regression" if cfg.model.task == "regression" else "single_label_classification"
+    if getattr(hf_cfg, "pad_token_id", None) is None:
+        hf_cfg.pad_token_id = tokenizer.pad_token_id
+    return hf_cfg
+
+
+def auto_class(task: str):
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build the preset (seeded random init) or load local weights, in model.dtype, on `device`."""
+    hf_cfg = model_config(cfg, tokenizer)
+    dtype = DTYPES[cfg.model.dtype]
+    auto = auto_class(cfg.model.task)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        if cfg.model.name_or_path in PRESETS:
+            model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+        else:
+            model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=dtype,
+                                         attn_implementation=cfg.model.attn_implementation)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts, counting sharded parameters at full size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a HF model (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for holder in (getattr(base, "model", None), getattr(base, base.base_model_prefix, None), base):
+        for attr in ("layers", "layer", "h", "blocks"):
+            container = getattr(holder, attr, None) if holder is not None else None
+            if container is None and holder is not None and hasattr(holder, "encoder"):
+                container = getattr(holder.encoder, attr, None)
+            if isinstance(container, torch.nn.ModuleList):
+                return list(container)
+    return []

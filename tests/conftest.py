@@ -1,0 +1,57 @@
+"""Shared helpers: run the real CLI (optionally under torchrun with 2 gloo ranks) and read its outputs."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# On top of the packaged demo recipe: a 2-layer, 64-wide Llama on short plain-template prompts.
+TINY = ["--model.name_or_path=tiny-llama", "--data.max_length=64", "--data.prompt_template=plain",
+        "--train.micro_batch_size=4", "--optim.warmup_steps=0", "--checkpoint.save_steps=null",
+        "--log.progress=false", "--log.wandb.mode=disabled", "--train.eval_max_batches=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+def dist_tune(*args: str, nproc: int = 1, env: dict | None = None, timeout: int = 900,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run `dist-tune ARGS` (under torchrun when nproc > 1) and return the finished process."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_tune.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "dist_tune.cli", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
