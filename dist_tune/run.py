@@ -109,6 +109,7 @@ def train(cfg: Config) -> dict[str, Any]:
         trainer.metrics = metrics.MetricsLogger(cfg, trainer.run_dir, rank=env.rank,
                                                 total_steps=trainer.total_steps, start_step=trainer.state.step)
         summary = trainer.train()
+        summary.update(trainer.engine.local_state_bytes())
         summary["flops_formula"] = metrics.FLOPS_FORMULA_FULL if cfg.peft.method == "full" else metrics.FLOPS_FORMULA_PEFT
         if summary["stopped"] == "preempted":
             if env.rank == 0:

@@ -31,12 +31,16 @@ def resolve_path(path: str, key: str = "data.path") -> Path:
     return resolved
 
 
+def _first_line(exc: Exception) -> str:
+    return next(iter(str(exc).splitlines()), type(exc).__name__)
+
+
 def _table_from_rows(rows: list[dict], path: Path) -> pa.Table:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     try:
         return pa.table({col: [row.get(col) for row in rows] for col in columns})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DataError(f"data file '{path}' mixes value types within a column ({str(exc).splitlines()[0]}); "
+        raise DataError(f"data file '{path}' mixes value types within a column ({_first_line(exc)}); "
                         "give every row the same type per field") from None
 
 
@@ -113,7 +117,7 @@ def load_records(path: str, *, key: str = "data.path", split: str | None = None)
         try:
             dataset = datasets.Dataset(READERS[suffix](resolved))
         except (UnicodeDecodeError, pa.ArrowInvalid) as exc:
-            raise DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {str(exc).splitlines()[0]}; "
+            raise DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {_first_line(exc)}; "
                             f"fix the file or set {key} to another source") from None
     else:
         raise DataError(f"data file '{path}' has an unsupported type '{suffix}'; set {key} to {SOURCES_HINT}")

@@ -75,6 +75,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# schedule often: a requeued job waits for a periodic pass once it is eligible again
+SchedulerParameters=sched_interval=2,bf_interval=2
 # requeue: 'scontrol requeue' and '#SBATCH --requeue' work; jobs are requeued after node failure too
 JobRequeue=1
 ReturnToService=2
