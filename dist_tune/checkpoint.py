@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_tune.errors import UserError
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -40,9 +42,10 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
+    """A COMPLETE marker and a readable trainer_state.json that holds a TrainState."""
     try:
-        json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        TrainState(**json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
         return False
     return (path / COMPLETE).is_file()
 
@@ -61,6 +64,24 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume_checkpoint(run_dir: Path, mode: str, model_name: str) -> Path | None:
+    """The checkpoint train.resume=`mode` continues from (None: start fresh), checked to be complete and
+    trained from `model_name`; raises UserError otherwise. Cheap: called before any model is built."""
+    if mode == "none":
+        return None
+    path = latest_checkpoint(run_dir) if mode == "auto" else Path(mode)
+    if path is None:
+        return None
+    if not is_complete(path):
+        raise UserError(f"train.resume='{mode}' is not a complete checkpoint; pass a checkpoints/step_N "
+                        "directory with a COMPLETE marker, or auto")
+    saved = read_state(path)
+    if saved.model_name != model_name:
+        raise UserError(f"checkpoint {path} was trained from model '{saved.model_name}', not '{model_name}'; "
+                        "use a new train.run_name or set train.resume=none")
+    return path
 
 
 def read_state(path: Path) -> TrainState:

@@ -422,13 +422,15 @@ def init_distributed(env: ClusterEnv, backend: str | None = None, timeout_minute
     """Create the default process group for `env`. Returns True when a group exists afterwards.
 
     No-op (False) for the ``single`` launcher unless ``force`` (a world-of-1 group, e.g. for FSDP
-    on one device). Backend: `backend`, else nccl when CUDA is available, else gloo. Exports
+    on one device). In every case it starts recording an early SIGUSR1 for the PreemptionHandler
+    built later (:func:`capture_early_preemption_signal`). Backend: `backend`, else nccl when CUDA is available, else gloo. Exports
     MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE for srun-direct and single
     launches (torchrun already set them), and binds the CUDA device to ``local_rank``.
     """
     import torch
     import torch.distributed as dist
 
+    capture_early_preemption_signal()
     if env.launcher == "single" and not force:
         return False
     if dist.is_initialized():
@@ -474,6 +476,31 @@ def barrier() -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # preemption
+
+_early_signal: int | None = None
+
+
+def _early_handler(signum: int, frame: Any) -> None:
+    global _early_signal
+    if _early_signal is None:
+        _early_signal = signum
+
+
+def capture_early_preemption_signal(signals: Iterable[int] = (signal.SIGUSR1,)) -> bool:
+    """Record a preemption notice (SIGUSR1) that arrives before the trainer installs its
+    :class:`PreemptionHandler` (model loading, data preparation), instead of losing it (SIG_IGN,
+    inherited from the sbatch templates) or dying of it (default action). The next PreemptionHandler
+    picks it up. Only signals still at SIG_DFL/SIG_IGN are taken; SIGTERM is never captured here (a
+    process that never builds a handler must still terminate on it). Called by init_distributed()."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    taken = False
+    for s in signals:
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(s, _early_handler)
+            taken = True
+    return taken
+
 
 class PreemptionHandler:
     """Turns preemption signals into a flag that every rank acts on in the same step.
@@ -525,9 +552,14 @@ class PreemptionHandler:
             return self
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler.install() must run in the main thread")
+        global _early_signal
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
         self._installed = True
+        if _early_signal is not None and _early_signal in self.signals:
+            logger.warning("preemption: %s arrived during startup", signal.Signals(_early_signal).name)
+            self._handle(_early_signal, None)
+        _early_signal = None
         logger.debug("preemption handler installed for %s", [signal.Signals(s).name for s in self.signals])
         return self
 
@@ -630,6 +662,6 @@ def restart_count(environ: Mapping[str, str] | None = None) -> int:
 
 __all__ = [
     "ClusterEnv", "ClusterEnvError", "LAUNCHERS", "PREEMPTED_EXIT_CODE", "PreemptionHandler",
-    "barrier", "default_backend", "destroy_distributed", "detect", "expand_nodelist", "hostnames",
+    "barrier", "capture_early_preemption_signal", "default_backend", "destroy_distributed", "detect", "expand_nodelist", "hostnames",
     "init_distributed", "parse_tasks_per_node", "port_from_job_id", "resolve_host", "restart_count",
 ]

@@ -169,8 +169,16 @@ CHOICES = {
 }
 
 
+# Names other trainers (HF TrainingArguments, DeepSpeed) use for our keys; spelling distance cannot find these.
+ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "train_micro_batch_size_per_gpu": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+           "num_train_epochs": "epochs", "max_seq_length": "max_length", "model_name_or_path": "name_or_path"}
+
+
 def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+    initials = "".join(part[:1] for part in name.split("_"))  # learning_rate -> lr
+    match = [m for m in (ALIASES.get(name), initials if "_" in name else None) if m in options]
+    match = match or difflib.get_close_matches(name, options, n=1, cutoff=0.4)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
 
 

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A dataset that cannot be read or used as configured."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on as configured (e.g. non-finite losses under train.nan_policy=stop)."""

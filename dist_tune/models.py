@@ -74,6 +74,15 @@ def model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase):
     return hf_cfg
 
 
+def check_sequence_length(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """data.max_length (the longest row, or the packed block) must fit the model's position embeddings."""
+    hf_cfg = model_config(cfg, tokenizer)
+    limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
+    if limit and cfg.data.max_length > limit:
+        raise UserError(f"data.max_length={cfg.data.max_length} is longer than model '{cfg.model.name_or_path}' "
+                        f"supports (max_position_embeddings={limit}); set data.max_length to at most {limit}")
+
+
 def auto_class(task: str):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 

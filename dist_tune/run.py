@@ -10,12 +10,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, metrics
 from dist_tune.config import Config, dump_config
 from dist_tune.data import build_datasets
 from dist_tune.engines import build_engine
 from dist_tune.engines.base import Engine
-from dist_tune.models import count_parameters, load_model, load_tokenizer
+from dist_tune.models import check_sequence_length, count_parameters, load_model, load_tokenizer
 from dist_tune.optim import optimizer_factory, scheduler_factory
 from dist_tune.peft import apply_peft
 from dist_tune.trainer import Trainer
@@ -81,7 +82,10 @@ def describe_batch(cfg: Config, env: cluster.ClusterEnv) -> str:
 def build_trainer(cfg: Config, env: cluster.ClusterEnv) -> Trainer:
     engine = build_engine(cfg, env)
     run_dir = resolve_run_dir(cfg)
+    # fail before any data, model or run-dir work: a resume that cannot work, a length the model cannot take
+    ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg)
+    check_sequence_length(cfg, tokenizer)
     train_set, val_set = rank0_first(engine, lambda: build_datasets(cfg, tokenizer))
     init_device = engine.init_device() if hasattr(engine, "init_device") else torch.device("cpu")
     model = apply_peft(load_model(cfg, tokenizer, device=init_device), cfg)

@@ -16,7 +16,7 @@ from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config
 from dist_tune.data import build_loader
 from dist_tune.engines.base import Engine
-from dist_tune.errors import UserError
+from dist_tune.errors import TrainingError, UserError
 from dist_tune.metrics import memory_metrics
 from dist_tune.loss import IGNORE, causal_lm_loss_sum, classification_loss_sum, shifted_labels
 
@@ -30,6 +30,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if "position_ids" in inputs:
         inputs.pop("attention_mask", None)
+        inputs["use_cache"] = False  # with a cache, transformers ignores the position-id document boundaries
     return inputs
 
 
@@ -145,8 +146,10 @@ class Trainer:
         log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped (%d in a row)",
                     self.state.step, result.loss, result.grad_norm, self.state.consecutive_bad_steps)
         if self.cfg.train.nan_policy == "stop" or self.state.consecutive_bad_steps >= self.cfg.train.max_bad_steps:
-            raise RuntimeError(f"stopping: {self.state.consecutive_bad_steps} consecutive non-finite steps at step "
-                               f"{self.state.step}; lower optim.lr, enable clipping or check the data")
+            raise TrainingError(f"stopping: {self.state.consecutive_bad_steps} consecutive non-finite steps at step "
+                                f"{self.state.step} (train.nan_policy={self.cfg.train.nan_policy}, "
+                                f"train.max_bad_steps={self.cfg.train.max_bad_steps}); lower optim.lr, enable "
+                                "clipping (optim.max_grad_norm) or check the data")
 
     # --- evaluation ------------------------------------------------------------
     @torch.no_grad()
@@ -175,19 +178,9 @@ class Trainer:
 
     # --- loop ------------------------------------------------------------------
     def resume_if_requested(self) -> None:
-        mode = self.cfg.train.resume
-        if mode == "none":
-            return
-        path = ckpt.latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        path = ckpt.resume_checkpoint(self.run_dir, self.cfg.train.resume, self.state.model_name)
         if path is None:
             return
-        if not ckpt.is_complete(path):
-            raise UserError(f"train.resume='{mode}' is not a complete checkpoint; pass a checkpoints/step_N "
-                            "directory with a COMPLETE marker, or auto")
-        saved = ckpt.read_state(path)
-        if saved.model_name != self.state.model_name:
-            raise UserError(f"checkpoint {path} was trained from model '{saved.model_name}', not "
-                            f"'{self.state.model_name}'; use a new train.run_name or set train.resume=none")
         self.state = ckpt.load_checkpoint(self.engine, path)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.state.step,
                  self.state.epoch, self.state.batches_in_epoch)

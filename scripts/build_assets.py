@@ -39,12 +39,14 @@ def _words(rng: random.Random, low: int, high: int) -> list[str]:
 
 def _reverse(rng):
     w = _words(rng, 2, 8)
-    return rng.choice(["Reverse the order of the words.", "Write these words in reverse order."]), " ".join(w), " ".join(w[::-1])
+    instruction = rng.choice(["Reverse the order of the words.", "Write these words in reverse order."])
+    return instruction, " ".join(w), " ".join(w[::-1])
 
 
 def _upper(rng):
     w = _words(rng, 1, 5)
-    return rng.choice(["Write the phrase in capital letters.", "Convert the phrase to uppercase."]), " ".join(w), " ".join(w).upper()
+    instruction = rng.choice(["Write the phrase in capital letters.", "Convert the phrase to uppercase."])
+    return instruction, " ".join(w), " ".join(w).upper()
 
 
 def _add(rng):

@@ -92,8 +92,9 @@ def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: l
         load_from_cache_file=True, desc=f"Tokenizing {role} data",
     )
     if len(encoded) == 0:
-        raise DataError(f"{role} data from '{source}' has no usable rows after tokenization (every response cut off "
-                        f"at data.max_length={cfg.data.max_length}, or empty texts); raise data.max_length or fix the data")
+        raise DataError(f"{role} data from '{source}' has no usable rows after tokenization (every response cut "
+                        f"off at data.max_length={cfg.data.max_length}, or empty texts); raise data.max_length "
+                        "or fix the data")
     if cfg.data.pack:
         return pack(encoded, cfg.data.max_length, split_examples=cfg.data.format == "text")
     return encoded

@@ -27,14 +27,14 @@ def template_path(cfg: Config) -> Path:
                         else f"zero{cfg.engine.zero_stage}.json")
 
 
-def _resolve(section: dict, key: str, value: Any, where: str) -> None:
+def _resolve(section: dict, key: str, value: Any, where: str, why: str = "") -> None:
     """Fill an "auto" value; an explicit value that disagrees with the dist_tune config is an error."""
     current = section.get(key, "auto")
     if current == "auto":
         section[key] = value
     elif current != value:
-        raise UserError(f"DeepSpeed config sets {where}={current!r} but the dist_tune config implies {value!r}; "
-                        f"set it to \"auto\" in the JSON and configure it once in dist_tune")
+        raise UserError(f"DeepSpeed config sets {where}={current!r} but the dist_tune config implies {value!r}"
+                        f"{why}; set it to \"auto\" in the JSON and configure it once in dist_tune")
 
 
 def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
@@ -47,7 +47,8 @@ def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
     micro, gas = cfg.train.micro_batch_size, cfg.train.grad_accum
     _resolve(conf, "train_micro_batch_size_per_gpu", micro, "train_micro_batch_size_per_gpu")
     _resolve(conf, "gradient_accumulation_steps", gas, "gradient_accumulation_steps")
-    _resolve(conf, "train_batch_size", micro * gas * world_size, "train_batch_size")
+    _resolve(conf, "train_batch_size", micro * gas * world_size, "train_batch_size",
+             f" (train.micro_batch_size {micro} × train.grad_accum {gas} × world size {world_size})")
     _resolve(conf, "gradient_clipping", float(cfg.optim.max_grad_norm or 0.0), "gradient_clipping")
     for precision in ("bf16", "fp16"):
         conf.setdefault(precision, {})
@@ -71,6 +72,10 @@ def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+
+    def __init__(self, cfg: Config, env) -> None:
+        super().__init__(cfg, env)
+        ds_config(cfg, env.world_size, hidden_size=1024)  # fail fast on a JSON that contradicts the config
 
     @property
     def shards_state(self) -> bool:

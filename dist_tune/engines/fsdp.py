@@ -35,7 +35,7 @@ def apply_fsdp(model: torch.nn.Module, *, param_dtype: torch.dtype | None, resha
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Buffers are not sharded or saved (e.g. rotary inv_freq); copy rank 0's after meta init."""
+    """Buffers are neither sharded nor all saved (e.g. rotary inv_freq); copy rank 0's to the meta-built ranks."""
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
@@ -54,7 +54,11 @@ class FSDPEngine(Engine):
         apply_common(model, self.cfg)
         apply_fsdp(model, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
                    reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload)
-        model.to_empty(device="cpu" if self.cfg.engine.cpu_offload else self.device)
+        target = torch.device("cpu") if self.cfg.engine.cpu_offload else self.device
+        if self.env.rank == 0:
+            model.to(target)
+        else:
+            model.to_empty(device=target)
         set_model_state_dict(model, full_state or {}, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True, cpu_offload=self.cfg.engine.cpu_offload))
         broadcast_buffers(model)

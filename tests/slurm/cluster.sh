@@ -48,6 +48,7 @@ write_conf() {
     cat > "$CONF" <<EOF
 # Written by tests/slurm/cluster.sh -- two "nodes" on one host, for tests only.
 ClusterName=dt
+MailProg=/bin/true
 SlurmctldHost=${host}(127.0.0.1)
 SlurmctldPort=${CTLD_PORT}
 SlurmUser=root

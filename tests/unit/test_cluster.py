@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,16 @@ from dist_tune.cluster import (
 def _no_scontrol(monkeypatch):
     """Unit tests never talk to a real Slurm (a local test cluster may be up on this machine)."""
     monkeypatch.setattr(cluster, "_scontrol", lambda: None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    cluster._early_signal = None
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    cluster._early_signal = None
 
 
 def _detect(env: dict[str, str], **kw) -> ClusterEnv:
@@ -309,6 +320,29 @@ def test_preemption_flag_from_sigterm_does_not_kill():
         assert h.should_stop() and h.signal_name == "SIGTERM"
 
 
+def test_early_sigusr1_is_kept_for_the_handler():
+    """USR1 during model loading (before the trainer builds its handler) is neither lost nor fatal."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)      # as inherited from the sbatch templates
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert cluster.capture_early_preemption_signal()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # SIGTERM is never captured early
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.05)
+    h = PreemptionHandler()
+    try:
+        assert h.received and h.signal_name == "SIGUSR1" and h.should_stop()
+    finally:
+        h.uninstall()
+    h2 = PreemptionHandler()                                      # consumed once
+    assert not h2.received
+    h2.uninstall()
+    # a handler someone else installed is left alone
+    mine = lambda s, f: None  # noqa: E731
+    signal.signal(signal.SIGUSR1, mine)
+    assert not cluster.capture_early_preemption_signal()
+    assert signal.getsignal(signal.SIGUSR1) is mine
+
+
 def test_preemption_sigint_optional():
     with PreemptionHandler() as h:
         assert signal.SIGINT not in h.signals
@@ -412,3 +446,55 @@ def test_should_stop_agrees_across_two_ranks(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert "rank0 received=False stops=[True, True]" in outs[0], outs
     assert "rank1 received=True stops=[True, True]" in outs[1], outs
+
+
+# ------------------------------------------------------------------------- launch/ and slurm/ scripts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _dry(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "RDZV_ID",
+                         "RDZV_IS_HOST", "MAX_RESTARTS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
+    return subprocess.run(["bash", str(REPO / script), *args], env={**base, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_torchrun_local_dry_run():
+    r = _dry("launch/torchrun_local.sh", "cfg.yaml", "--engine.kind=ddp", CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stderr
+    assert "--standalone --nnodes=1 --nproc-per-node=2 --max-restarts=0 -m dist_tune.cli train cfg.yaml --engine.kind=ddp" in r.stdout
+    r = _dry("launch/torchrun_local.sh", "4", "--train.max_steps=3", MAX_RESTARTS="2", CUDA_VISIBLE_DEVICES="")
+    assert "--nproc-per-node=4 --max-restarts=2 -m dist_tune.cli train --train.max_steps=3" in r.stdout
+    r = _dry("launch/torchrun_local.sh", "cfg.yaml", CUDA_VISIBLE_DEVICES="0,1,2")
+    assert "--nproc-per-node=3 " in r.stdout
+
+
+def test_torchrun_multinode_dry_run():
+    r = _dry("launch/torchrun_multinode.sh", "cfg.yaml")
+    assert r.returncode == 2 and "NNODES" in r.stderr
+    r = _dry("launch/torchrun_multinode.sh", "cfg.yaml", "--train.run_name=a b", NNODES="2", RDZV_HOST="10.0.0.1",
+             NPROC_PER_NODE="8", NODE_RANK="0", SLURM_JOB_ID="99")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for piece in ("--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=99",
+                  "--node-rank=0", "--rdzv-conf=is_host=1", "-m dist_tune.cli train cfg.yaml --train.run_name=a\\ b"):
+        assert piece in out, out
+    r = _dry("launch/torchrun_multinode.sh", NNODES="1:4", RDZV_HOST="h", RDZV_PORT="1234", NPROC_PER_NODE="1")
+    assert "--nnodes=1:4" in r.stdout and "h:1234" in r.stdout and "is_host" not in r.stdout
+
+
+@pytest.mark.parametrize("name", ["single_node", "multi_node", "preemptible", "cpu_debug"])
+def test_sbatch_templates_parse_and_document_usage(name):
+    path = REPO / "slurm" / f"{name}.sbatch"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    assert "sbatch" in text.split("#SBATCH")[0] and f"slurm/{name}.sbatch" in text
+    assert '"$@"' in text                 # config + overrides pass through
+    if name == "preemptible":
+        for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "#SBATCH --open-mode=append"):
+            assert line in text
+    if name in ("multi_node", "preemptible"):
+        assert "NCCL_SOCKET_IFNAME" in text and "NCCL_IB_HCA" in text
+        assert "scontrol show hostnames" in text and "SLURM_NODEID" in text

@@ -247,7 +247,8 @@ def test_sampler_rank_shares():
         sampler = ResumableSampler(20, shuffle=True, seed=1, rank=rank, world_size=3)
         shares.append(list(sampler))
     assert [len(s) for s in shares] == [6, 6, 6] and len(set(sum(shares, []))) == 18
-    shares = [list(ResumableSampler(20, shuffle=False, seed=1, rank=r, world_size=3, drop_last=False)) for r in range(3)]
+    shares = [list(ResumableSampler(20, shuffle=False, seed=1, rank=r, world_size=3, drop_last=False))
+              for r in range(3)]
     assert shares[0] == [0, 3, 6, 9, 12, 15, 18] and sorted(sum(shares, [])) == list(range(20))
     assert list(ResumableSampler(5, shuffle=True, seed=1)) == list(ResumableSampler(5, shuffle=True, seed=1))
 
