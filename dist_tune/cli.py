@@ -10,6 +10,7 @@ import fire
 
 from dist_tune.config import Config, dump_config, load_config
 from dist_tune.errors import UserError
+from dist_tune.cluster import detect
 from dist_tune.metrics import rank_logging
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -93,7 +94,7 @@ COMMANDS = {"train": train, "eval": eval, "generate": generate, "export": export
 
 
 def main(argv: list[str] | None = None) -> None:
-    rank_logging(int(os.environ.get("RANK", "0")))
+    rank_logging(detect(resolve=False).rank)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["--help"]

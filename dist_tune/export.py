@@ -11,7 +11,8 @@ from dist_tune.config import Config, config_from_dict, read_yaml
 from dist_tune.engines.parallelize import load_trainable_state
 from dist_tune.errors import UserError
 from dist_tune.models import load_model, load_tokenizer
-from dist_tune.peft import apply_peft, is_peft_model
+from dist_tune.peft import is_peft_model
+from dist_tune.run import build_model
 
 
 def run_config(run_dir: Path) -> Config:
@@ -50,7 +51,7 @@ def checkpoint_trainable_state(path: Path) -> dict[str, torch.Tensor]:
 
 def model_from_checkpoint(cfg: Config, path: Path):
     tokenizer = load_tokenizer(cfg)
-    model = apply_peft(load_model(cfg, tokenizer), cfg)
+    model = build_model(cfg, tokenizer, torch.device("cpu"))
     load_trainable_state(model, checkpoint_trainable_state(path))
     return model, tokenizer
 

@@ -64,13 +64,24 @@ def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
 
 
 def export_final(engine: Engine, tokenizer, out_dir: Path) -> None:
-    """Gather the full state (all ranks) and write a save_pretrained directory on rank 0."""
+    """Gather the full state (all ranks) and write a save_pretrained directory on rank 0.
+
+    Sharded engines load the gathered state strictly into a fresh unsharded model first, so the saved
+    model or adapter is complete and peft's own save logic never touches sharded parameters."""
     state = engine.full_state_dict()
     if engine.env.rank == 0:
+        model = engine.unwrap()
+        if engine.shards_state:
+            model = build_model(engine.cfg, tokenizer, torch.device("cpu"))
+            model.load_state_dict(state, strict=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        engine.unwrap().save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
     engine.barrier()
+
+
+def build_model(cfg: Config, tokenizer, device: torch.device) -> torch.nn.Module:
+    return apply_peft(load_model(cfg, tokenizer, device=device), cfg)
 
 
 def describe_batch(cfg: Config, env: cluster.ClusterEnv) -> str:
@@ -88,7 +99,7 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv) -> Trainer:
     check_sequence_length(cfg, tokenizer)
     train_set, val_set = rank0_first(engine, lambda: build_datasets(cfg, tokenizer))
     init_device = engine.init_device() if hasattr(engine, "init_device") else torch.device("cpu")
-    model = apply_peft(load_model(cfg, tokenizer, device=init_device), cfg)
+    model = build_model(cfg, tokenizer, init_device)
     trainer = Trainer(cfg, engine, train_set, val_set, tokenizer, run_dir, metrics=None)
     trainer.state.model_name = cfg.model.name_or_path
     engine.prepare(model, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, trainer.total_steps))

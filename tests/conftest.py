@@ -34,11 +34,13 @@ def cli_env(extra: dict | None = None) -> dict:
 
 
 def dist_tune(*args: str, nproc: int = 1, env: dict | None = None, timeout: int = 900,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run `dist-tune ARGS` (under torchrun when nproc > 1) and return the finished process."""
+              check: bool = True, torchrun_args: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess:
+    """Run `dist-tune ARGS` (under torchrun when nproc > 1, with extra `torchrun_args` such as
+    --max-restarts=1) and return the finished process."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_tune.cli", *args]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *torchrun_args,
+               "-m", "dist_tune.cli", *args]
     else:
         cmd = [sys.executable, "-m", "dist_tune.cli", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(env), capture_output=True, text=True, timeout=timeout)

@@ -34,6 +34,12 @@ def apply_fsdp(model: torch.nn.Module, *, param_dtype: torch.dtype | None, resha
     fully_shard(model, **kwargs)
 
 
+def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without alias keys of shared modules (e.g. peft prompt tuning's `word_embeddings`)."""
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Buffers are neither sharded nor all saved (e.g. rotary inv_freq); copy rank 0's to the meta-built ranks."""
     for buffer in model.buffers():
@@ -50,7 +56,7 @@ class FSDPEngine(Engine):
 
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
-        full_state = model.state_dict() if self.env.rank == 0 else None
+        full_state = canonical_state(model) if self.env.rank == 0 else None
         apply_common(model, self.cfg)
         apply_fsdp(model, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
                    reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload)
@@ -60,7 +66,7 @@ class FSDPEngine(Engine):
         else:
             model.to_empty(device=target)
         set_model_state_dict(model, full_state or {}, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True, cpu_offload=self.cfg.engine.cpu_offload))
+            full_state_dict=True, broadcast_from_rank0=True, cpu_offload=self.cfg.engine.cpu_offload, strict=False))
         broadcast_buffers(model)
         self.model = model
         self.optimizer = optimizer_factory(param_groups(model, self.cfg.optim.weight_decay))

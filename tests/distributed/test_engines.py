@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY, dist_tune, read_metrics
+from dist_tune.config import load_config
+from dist_tune.models import load_model, load_tokenizer
 
 # Loss trajectories agree to this relative tolerance (fp32; reduction order differs between engines).
 RTOL = 1e-4
@@ -22,30 +25,47 @@ ENGINES = {
 }
 
 
+METHODS = {"full": [], "lora": ["--peft.method=lora", "--optim.lr=1e-2"]}
+
+
 def common(root, name):
     return [*TINY, f"--train.max_steps={STEPS}", f"--checkpoint.save_steps={SAVE}", "--log.log_steps=1",
             "--optim.lr=3e-3", "--train.grad_accum=2", f"--train.eval_steps={STEPS}",
             "--train.eval_max_batches=null", f"--train.output_dir={root}", f"--train.run_name={name}"]
 
 
+def load_exported(path):
+    """A plain transformers model, or the tiny base model + the exported peft adapter."""
+    if (path / "adapter_config.json").is_file():
+        cfg = load_config(None, {"model.name_or_path": "tiny-llama"})
+        return PeftModel.from_pretrained(load_model(cfg, load_tokenizer(cfg)), path).eval()
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def method(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(runs_root):
+def reference(runs_root, method):
     """Single device, micro-batch 8: the same 16 sequences per step as 2 ranks × micro-batch 4."""
-    dist_tune("train", *common(runs_root, "single"), "--train.micro_batch_size=8")
-    return runs_root / "single"
+    name = f"single-{method}"
+    dist_tune("train", *common(runs_root, name), *METHODS[method], "--train.micro_batch_size=8")
+    return runs_root / name
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
-def engine_run(request, runs_root):
+def engine_run(request, runs_root, method):
     """Each engine on 2 ranks, SIGKILLed after step 6 (last checkpoint: step 4), then resumed to the end."""
-    name = request.param
-    args = [*common(runs_root, name), *ENGINES[name]]
+    name = f"{request.param}-{method}"
+    args = [*common(runs_root, name), *ENGINES[request.param], *METHODS[method]]
     killed = dist_tune("train", *args, nproc=2, env={"DIST_TUNE_KILL_AT_STEP": str(KILL)}, check=False)
     assert killed.returncode != 0
     assert read_metrics(runs_root / name).keys() == set(range(1, KILL + 1))
     resumed = dist_tune("train", *args, nproc=2)
     assert f"step_{SAVE:08d}" in resumed.stderr and "resumed from" in resumed.stderr
-    return name, runs_root / name, json.loads(resumed.stdout.strip().splitlines()[-1])
+    return request.param, runs_root / name, json.loads(resumed.stdout.strip().splitlines()[-1])
 
 
 def test_loss_trajectory_matches_single_device_after_kill_and_resume(engine_run, reference):
@@ -74,14 +94,15 @@ def test_checkpoint_export_matches_single_device_weights(engine_run, reference):
     dist_tune("export", str(run_dir), "--out", str(out))
     ids = torch.arange(1, 33).reshape(2, 16)
     with torch.no_grad():
-        mine = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
-        theirs = AutoModelForCausalLM.from_pretrained(ref).eval()(ids).logits
+        mine, theirs = load_exported(out)(ids).logits, load_exported(ref)(ids).logits
     assert torch.allclose(mine, theirs, atol=2e-2), (name, (mine - theirs).abs().max())
     assert (mine - theirs).abs().mean() < 2e-3
 
 
-def test_sharded_engines_hold_half_the_model_state_per_rank(engine_run, reference):
+def test_sharded_engines_hold_half_the_model_state_per_rank(engine_run, reference, method):
     name, _, summary = engine_run
+    if method != "full":
+        pytest.skip("model-state formulas are for full tuning; LoRA state is a few KiB")
     ddp = json.loads((reference / "summary.json").read_text())  # a full replica, like every DDP rank
     state = summary["param_bytes"] + summary["optim_bytes"]
     full = ddp["param_bytes"] + ddp["optim_bytes"]

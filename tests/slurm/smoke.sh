@@ -114,7 +114,7 @@ while :; do RC=0; wait \$SRUN_PID || RC=\$?; (( RC > 128 )) && kill -0 \$SRUN_PI
 echo "BATCH_END restart_count=\${SLURM_RESTART_COUNT:-0} rc=\$RC"
 exit \$RC
 EOS
-    local t0=$SECONDS jid state out info t_sig t_req
+    local t0=$SECONDS jid state out info t_sig
     jid=$(sbatch --parsable -o "$WORK/preempt-%j.out" "$WORK/preempt.sbatch")
     local deadline=$((SECONDS + 120))
     until [[ -f "$WORK/preempt-markers-$jid/running.0" ]]; do

@@ -198,7 +198,7 @@ def tiny_cfg(tmp_path: Path, **train) -> Config:
     cfg.data.max_length, cfg.data.prompt_template, cfg.data.cache_dir = 64, "plain", str(tmp_path / "cache")
     cfg.data.validation_split = 0.05
     cfg.train.micro_batch_size, cfg.train.output_dir, cfg.train.run_name = 4, str(tmp_path / "runs"), "nan"
-    cfg.train.max_steps = 3
+    cfg.train.max_steps, cfg.train.eval_max_batches = 3, 1
     for key, value in train.items():
         setattr(cfg.train, key, value)
     cfg.log.progress, cfg.log.wandb.mode, cfg.log.log_steps = False, "disabled", 1
