@@ -450,11 +450,30 @@ def init_distributed(env: ClusterEnv, backend: str | None = None, timeout_minute
             )
         torch.cuda.set_device(env.local_rank)
     logger.info("init_process_group(%s) %s", backend, env.describe())
+    timeout = timedelta(minutes=timeout_minutes)
+    store = _restart_store(env, timeout)
     dist.init_process_group(
-        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-        timeout=timedelta(minutes=timeout_minutes),
+        backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+        **({"store": store} if store is not None else {"init_method": "env://"}),
     )
     return True
+
+
+def _restart_store(env: ClusterEnv, timeout: timedelta):
+    """After a torchrun --max-restarts restart, a store whose keys are fresh; None otherwise (plain env://).
+
+    torchrun workers share the agent's TCPStore, which outlives a restart with the previous attempt's keys
+    (the peers' gloo/NCCL addresses) in it, so the restarted group connects to dead peers (pytorch#135712).
+    On one node every worker gets the same TORCHELASTIC_RESTART_COUNT, which then namespaces the keys;
+    across nodes the count is per agent and may differ, so multi-node restarts are left to torch."""
+    import torch.distributed as dist
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (env.launcher != "torchrun" or env.num_nodes != 1 or restart in ("", "0")
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return None
+    client = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_tune/restart_{restart}", client)
 
 
 def destroy_distributed() -> None:

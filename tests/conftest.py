@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,44 @@ def dist_tune(*args: str, nproc: int = 1, env: dict | None = None, timeout: int 
 def read_metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {row["step"]: row[key] for row in rows if key in row}
+
+
+def read_wandb_log(path: Path) -> list:
+    """Records of a .wandb transaction log: 7-byte file header (":W&B", key, version), then LevelDB-log
+    style 32 KiB blocks of chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last),
+    each record a serialized wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, records = 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} from the offline W&B run(s) under run_dir/wandb."""
+    history: dict[int, dict[str, float]] = {}
+    for log in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in read_wandb_log(log):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(int(row.pop("_step")), {}).update(row)
+    return history
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY, dist_tune, read_metrics
+from conftest import TINY, dist_tune, read_metrics, wandb_history
 
 STEPS = ["--train.max_steps=30", "--optim.lr=1e-2", "--optim.warmup_steps=3", "--train.eval_steps=15"]
 
@@ -15,7 +15,7 @@ STEPS = ["--train.max_steps=30", "--optim.lr=1e-2", "--optim.warmup_steps=3", "-
 @pytest.fixture(scope="module")
 def finished_run(runs_root):
     proc = dist_tune("train", *TINY, *STEPS, f"--train.output_dir={runs_root}", "--train.run_name=spine",
-                     "--checkpoint.save_steps=10", "--checkpoint.save_total_limit=2")
+                     "--checkpoint.save_steps=10", "--checkpoint.save_total_limit=2", "--log.wandb.mode=offline")
     return runs_root / "spine", proc
 
 
@@ -32,6 +32,14 @@ def test_training_learns_and_writes_a_complete_run_dir(finished_run):
         assert (run_dir / name).is_file(), name
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["step_00000010", "step_00000020"]  # save_total_limit=2, no save at the final step
+
+
+def test_offline_wandb_run_holds_the_same_metrics_as_the_jsonl(finished_run):
+    run_dir, _ = finished_run
+    history = wandb_history(run_dir)
+    losses = read_metrics(run_dir)
+    assert {step: row["train/loss"] for step, row in history.items() if "train/loss" in row} == losses
+    assert history[30]["eval/loss"] == pytest.approx(read_metrics(run_dir, "eval/loss")[30])
 
 
 def test_final_model_reloads_in_plain_transformers_with_identical_logits(finished_run):

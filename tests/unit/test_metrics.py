@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import read_wandb_log
 from dist_tune import metrics
 from dist_tune.config import Config
 from dist_tune.metrics import (
@@ -43,32 +43,6 @@ def train_metrics(step: int) -> dict:
     return {"train/loss": 3.0 - 0.25 * step, "train/lr": 1e-3 / step, "train/grad_norm": 1.5,
             "train/tokens_per_s": 1000.0 + step, "train/samples_per_s": 4.0, "train/mfu": None,
             "train/data_wait_s": 0.01, "train/compute_s": 0.2, "train/peak_rss_gib": 1.25}
-
-
-def read_wandb_log(path: Path) -> list:
-    """Records of a .wandb transaction log: 7-byte file header (":W&B", key, version), then LevelDB-log
-    style 32 KiB blocks of chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last),
-    each record a serialized wandb_internal_pb2.Record."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
-            pos += 32768 - pos % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 @pytest.fixture(scope="module")
