@@ -108,6 +108,7 @@ class TrainConfig:
     run_name: str | None = None
     device: str = "auto"
     resume: str = "auto"
+    ce_chunk_tokens: int = 0
     nan_policy: str = "skip"
     max_bad_steps: int = 5
 

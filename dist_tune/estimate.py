@@ -1,4 +1,20 @@
-"""Per-GPU memory estimate: ZeRO-paper model-state bytes per parameter plus a transformer activation model."""
+"""Per-GPU memory estimate: model-state bytes per parameter as each engine holds them (ZeRO paper accounting)
+plus a transformer activation model.
+
+Model state per parameter before sharding (`bytes_per_param`), AdamW:
+
+| engine | weights | grads | optimizer | total |
+| --- | --- | --- | --- | --- |
+| single, ddp, fsdp (fp32 model, any engine.mixed_precision) | 4 | 4 | 8 (m, v) | 16 |
+| deepspeed, bf16/fp16 (ZeRO paper "mixed-precision Adam") | 2 | 2 | 12 (fp32 master + m + v) | 16 |
+| deepspeed, fp32 | 4 | 4 | 12 (fp32 master + m + v) | 20 |
+
+Autocast (single/ddp) and FSDP's MixedPrecisionPolicy only cast copies for compute, so weights, grads and torch
+optimizer states stay in model.dtype and there is no master copy; DeepSpeed casts the module to bf16/fp16 and its
+ZeRO optimizers always keep a separate fp32 master partition (also in fp32 training, DeepSpeed 0.19). Frozen
+(peft) weights cost only their storage bytes (0.5 with 4-bit QLoRA). Sharding (`shard_factors`): ZeRO-1 splits
+the optimizer state, ZeRO-2 also the grads, ZeRO-3 and FSDP everything.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +26,8 @@ from dist_tune.models import load_tokenizer, model_config
 
 GIB = 1024 ** 3
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
 
 
 @dataclass
@@ -66,20 +84,53 @@ def activation_bytes(hf_cfg, cfg: Config, precision_bytes: int) -> tuple[float, 
     return acts, 2 * 4 * b * s * vocab
 
 
+def optimizer_states(cfg: Config) -> int:
+    """State tensors the optimizer keeps per trainable parameter: AdamW m and v; SGD its momentum buffer."""
+    if cfg.optim.name == "sgd":
+        return 1 if cfg.optim.momentum else 0
+    return 2
+
+
+@dataclass(frozen=True)
+class BytesPerParam:
+    """Model-state bytes per parameter on one rank before sharding (see the module docstring)."""
+    weights: float  # a trainable weight
+    frozen: float  # a frozen (peft base) weight
+    grads: float  # a trainable parameter's gradient
+    optimizer: float  # optimizer states (+ DeepSpeed's fp32 master copy) of a trainable parameter
+
+    @property
+    def trainable_total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def bytes_per_param(cfg: Config) -> BytesPerParam:
+    storage = DTYPE_BYTES[cfg.model.dtype]
+    if cfg.engine.kind == "deepspeed":
+        # DeepSpeed casts the module to bf16/fp16 when enabled; its ZeRO optimizer keeps fp32 master + fp32 states
+        weights = WEIGHT_BYTES[cfg.engine.mixed_precision] if cfg.engine.mixed_precision != "fp32" else storage
+        optimizer = FP32 * (optimizer_states(cfg) + 1)
+    else:
+        # autocast / FSDP MixedPrecisionPolicy cast for compute only: weights, grads and states stay in model.dtype
+        weights = storage
+        optimizer = storage * optimizer_states(cfg)
+    frozen = 0.5 if cfg.peft.load_in_4bit else weights
+    return BytesPerParam(weights=weights, frozen=frozen, grads=weights, optimizer=optimizer)
+
+
 def estimate(cfg: Config, world_size: int = 1) -> Estimate:
     total, trainable, hf_cfg = count_from_config(cfg)
     precision = WEIGHT_BYTES[cfg.engine.mixed_precision]
-    frozen_bytes = 0.5 if cfg.peft.load_in_4bit else precision
+    per = bytes_per_param(cfg)
     w, g, o = shard_factors(cfg.engine.kind, cfg.engine.zero_stage, world_size)
-    master = 4 if precision == 2 else 0
     offload = cfg.engine.offload_optimizer or cfg.engine.cpu_offload
-    weights = (trainable * precision + (total - trainable) * frozen_bytes) * w
+    weights = (trainable * per.weights + (total - trainable) * per.frozen) * w
     if cfg.engine.offload_params or cfg.engine.cpu_offload:
         weights = 0.0
-    optimizer = 0.0 if offload else trainable * (8 + master) * o
+    grads = 0.0 if cfg.engine.cpu_offload else trainable * per.grads * g  # FSDP CPUOffloadPolicy: grads on CPU
+    optimizer = 0.0 if offload else trainable * per.optimizer * o
     acts, logits = activation_bytes(hf_cfg, cfg, precision)
-    return Estimate(total, trainable, weights / GIB, trainable * precision * g / GIB, optimizer / GIB,
-                    acts / GIB, logits / GIB)
+    return Estimate(total, trainable, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB, logits / GIB)
 
 
 def format_estimate(e: Estimate) -> str:

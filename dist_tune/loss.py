@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -15,13 +16,24 @@ def shifted_labels(labels: torch.Tensor, position_ids: torch.Tensor | None) -> t
     return targets
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
-                       position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token cross-entropies, number of target tokens), computed in fp32."""
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+def chunked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Cross-entropy over `chunk` rows at a time, each chunk recomputed in backward, so the fp32 copy of the
+    logits and its softmax gradient never exist for the whole batch at once."""
+    return sum(checkpoint(_ce_sum, logits[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+               for i in range(0, logits.shape[0], chunk))
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                       chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of target tokens), computed in fp32 (chunked when chunk > 0)."""
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
-    targets = shifted_labels(labels, position_ids)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    targets = shifted_labels(labels, position_ids).reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    loss = chunked_ce_sum(flat, targets, chunk) if chunk else _ce_sum(flat, targets)
     return loss, (targets != IGNORE).sum()
 
 

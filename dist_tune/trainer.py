@@ -40,9 +40,10 @@ def target_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
     return int((shifted_labels(batch["labels"], batch.get("position_ids")) != IGNORE).sum())
 
 
-def loss_sum(output: Any, batch: dict[str, torch.Tensor], causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(output: Any, batch: dict[str, torch.Tensor], causal: bool,
+             chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if causal:
-        return causal_lm_loss_sum(output.logits, batch["labels"], batch.get("position_ids"))
+        return causal_lm_loss_sum(output.logits, batch["labels"], batch.get("position_ids"), chunk)
     return classification_loss_sum(output.logits, batch["labels"])
 
 
@@ -116,7 +117,8 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             with engine.no_sync(i == len(micro_batches) - 1):
-                summed, _ = loss_sum(engine.forward(model_inputs(batch)), batch, self.causal)
+                output = engine.forward(model_inputs(batch))
+                summed, _ = loss_sum(output, batch, self.causal, self.cfg.train.ce_chunk_tokens)
                 engine.backward(summed / max(global_targets, 1.0))
             total += summed.detach().double()
         loss = float(engine.all_reduce_sum(total)) / max(global_targets, 1.0)

@@ -95,8 +95,10 @@ class FSDPEngine(Engine):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        # dcp.load already failed on any trainable key missing from the checkpoint; frozen keys are absent
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=self._options())
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
         self.scheduler.load_state_dict(json.loads((ckpt_dir / "scheduler.json").read_text()))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,418 @@
+"""Training throughput of dist_tune vs HF `transformers.Trainer` on the same model, data, batches and machine.
+
+    python benchmarks/throughput_vs_hf.py                       # hf, dt, dt_pack; 3 warmup + 30 timed steps
+    python benchmarks/throughput_vs_hf.py --repeats 3           # 3 rounds in the order hf, dt, dt_pack, ...
+    python benchmarks/throughput_vs_hf.py --which hf,dt --steps 5 --json-out /tmp/t.json --results-md /tmp/R.md
+
+Systems, each run as its own subprocess (`--worker SYSTEM`), one after another in the order of `--which`:
+
+  hf       transformers.Trainer. Model: `dist_tune.models.load_model` (the dist_tune preset, shipped tokenizer,
+           same seed → bit-identical init). Data: the rows of `dist_tune.data.build_datasets(cfg, tokenizer)`
+           (unpacked), collated with `DataCollatorForSeq2Seq` (pad to longest, labels -100, right padding).
+           Sampler: dist_tune's `ResumableSampler` with the same seed, so both systems see the SAME micro-batches
+           in the same order (checked: the per-step token counts are compared). AdamW: by default the same
+           torch AdamW(foreach=True) dist_tune builds (`--hf-optim same`); `--hf-optim default` keeps HF's own
+           default (adamw_torch_fused). fp32, no eval/save/logging/report_to.
+  dt       dist_tune's real code path: `dist_tune.run.build_trainer(cfg, env)` + `trainer.train()`, engine single,
+           padding to the longest row of each micro-batch.
+  dt_pack  the same with `data.pack=true`: whole examples packed greedily into rows of at most max_length tokens,
+           position ids restart per example (padding-free; attention stays within an example). A packed
+           micro-batch of 8 rows holds several times more examples, so compare tokens/s, not steps/s.
+
+Timing (identical for all systems): wall clock from the end of optimizer step `--warmup` to the end of step
+`--warmup + --steps` (HF: TrainerCallback.on_step_end; dist_tune: the return of Trainer.train_step). It covers
+everything a steady-state step does (data loading, collation, forward, loss, backward, clipping, AdamW,
+scheduler, the trainer's bookkeeping) and excludes process start, imports, tokenization, model build and the
+warmup steps. Tokens = attention_mask==1 tokens of the micro-batches processed in the timed steps (padding is
+not counted). Threads: torch.set_num_threads(--threads) in every worker, OMP_NUM_THREADS/MKL_NUM_THREADS set to
+the same value for all workers.
+
+Writes the JSON to --json-out (default benchmarks/results/throughput_cpu.json), appends a section to
+--results-md (default benchmarks/RESULTS.md), and prints a markdown table and the JSON to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("hf", "dt", "dt_pack")
+LABELS = {"hf": "HF transformers.Trainer (pad to longest)", "dt": "dist_tune (pad to longest)",
+          "dt_pack": "dist_tune data.pack=true (packed rows)"}
+LR, WEIGHT_DECAY, BETAS, EPS, MAX_GRAD_NORM, SEED = 3e-4, 0.01, (0.9, 0.999), 1e-8, 1.0, 42
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before timing starts")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--preset", default="small-llama", help="dist_tune model preset (dist_tune.models.PRESETS)")
+    p.add_argument("--which", default="hf,dt,dt_pack", help="comma list of hf, dt, dt_pack (run in this order)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of --which; the median round is reported")
+    p.add_argument("--threads", type=int, default=default_threads(), help="torch threads in every worker")
+    p.add_argument("--hf-optim", choices=("same", "default"), default="same",
+                   help="same: HF gets torch AdamW(foreach=True) like dist_tune; default: HF's default optim")
+    p.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "throughput_cpu.json"))
+    p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"),
+                   help="markdown file a section is appended to ('' = none)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
+    p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.systems = [s.strip() for s in args.which.split(",") if s.strip()]
+    unknown = [s for s in args.systems if s not in SYSTEMS]
+    if unknown or not args.systems:
+        p.error(f"--which: unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be >= 1 (timing starts at the end of a warmup step)")
+    return args
+
+
+# --------------------------------------------------------------------------------------------- workers
+def dt_config(args: argparse.Namespace, pack: bool, output_dir: str):
+    from dist_tune.config import load_config
+
+    return load_config(None, {
+        "model.name_or_path": args.preset, "model.dtype": "float32", "model.attn_implementation": "sdpa",
+        "data.path": "bundled:instructions", "data.format": "instruction", "data.prompt_template": "alpaca",
+        "data.max_length": args.max_length, "data.pack": pack, "data.validation_split": 0.0,
+        "data.num_workers": 0, "data.pin_memory": False,
+        "engine.kind": "single", "engine.mixed_precision": "fp32",
+        "optim.name": "adamw", "optim.lr": LR, "optim.weight_decay": WEIGHT_DECAY, "optim.betas": list(BETAS),
+        "optim.eps": EPS, "optim.scheduler": "cosine", "optim.warmup_steps": 0, "optim.max_grad_norm": MAX_GRAD_NORM,
+        "train.seed": SEED, "train.micro_batch_size": args.micro_batch, "train.grad_accum": 1,
+        "train.max_steps": args.warmup + args.steps, "train.eval_steps": None, "train.device": "cpu",
+        "train.output_dir": output_dir, "train.run_name": "bench", "train.resume": "none",
+        "log.log_steps": 10 ** 9, "log.progress": False, "log.jsonl": True, "log.plot": False,
+        "log.wandb.mode": "disabled", "checkpoint.save_steps": None, "checkpoint.save_final": False,
+    })
+
+
+class StepClock:
+    """Per optimizer step: wall-clock time at its end, non-padding tokens, padded tokens, examples, loss."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
+        self.padded: list[int] = []
+        self.examples: list[int] = []
+        self.losses: list[float] = []
+        self.compute: list[float] = []
+
+    def result(self, warmup: int, steps: int) -> dict:
+        if len(self.ends) < warmup + steps:
+            raise RuntimeError(f"only {len(self.ends)} steps were recorded, expected {warmup + steps}")
+        timed = slice(warmup, warmup + steps)
+        seconds = self.ends[warmup + steps - 1] - self.ends[warmup - 1]
+        tokens, padded, examples = sum(self.tokens[timed]), sum(self.padded[timed]), sum(self.examples[timed])
+        return {"timed_steps": steps, "timed_seconds": seconds, "timed_tokens": tokens,
+                "timed_padded_tokens": padded, "timed_examples": examples,
+                "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds,
+                "steps_per_s": steps / seconds, "padding_fraction": 1 - tokens / max(padded, 1),
+                "compute_seconds": sum(self.compute[timed]),
+                "step_seconds": [b - a for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:warmup + steps])],
+                "tokens_per_step": self.tokens, "loss_first": self.losses[0], "loss_last": self.losses[-1],
+                "losses": self.losses}
+
+
+def batch_stats(batch: dict) -> tuple[int, int, int]:
+    """(non-padding tokens, padded tokens, examples) of one collated micro-batch."""
+    mask = batch["attention_mask"]
+    examples = int((batch["position_ids"] == 0).logical_and(mask.bool()).sum()) if "position_ids" in batch \
+        else int(mask.shape[0])
+    return int(mask.sum()), int(mask.numel()), examples
+
+
+def run_dt(args: argparse.Namespace, pack: bool, workdir: str) -> dict:
+    from dist_tune import cluster, metrics
+    from dist_tune.run import build_trainer
+
+    cfg = dt_config(args, pack, workdir)
+    env = cluster.detect()
+    cluster.init_distributed(env, timeout_minutes=cfg.engine.timeout_minutes)
+    trainer = build_trainer(cfg, env)
+    trainer.metrics = metrics.MetricsLogger(cfg, trainer.run_dir, rank=0, total_steps=trainer.total_steps)
+    clock = StepClock()
+    real_step = trainer.train_step
+
+    def timed_step(micro_batches):
+        start = time.perf_counter()
+        result = real_step(micro_batches)
+        end = time.perf_counter()
+        stats = [batch_stats(b) for b in micro_batches]
+        clock.ends.append(end)
+        clock.compute.append(end - start)
+        clock.tokens.append(sum(s[0] for s in stats))
+        clock.padded.append(sum(s[1] for s in stats))
+        clock.examples.append(sum(s[2] for s in stats))
+        clock.losses.append(result.loss)
+        assert clock.tokens[-1] == result.tokens, (clock.tokens[-1], result.tokens)
+        return result
+
+    trainer.train_step = timed_step  # instance attribute: Trainer.train() calls self.train_step(...)
+    trainer.train()
+    out = clock.result(args.warmup, args.steps)
+    out["rows"] = len(trainer.train_set)
+    out["optimizer"] = repr(type(trainer.engine.optimizer).__name__) + f" foreach={trainer.engine.optimizer.defaults.get('foreach')}"
+    return out
+
+
+def run_hf(args: argparse.Namespace, workdir: str) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from dist_tune.data import ResumableSampler, build_datasets
+    from dist_tune.models import load_model, load_tokenizer
+
+    cfg = dt_config(args, False, workdir)
+    tokenizer = load_tokenizer(cfg)
+    tokenizer.padding_side = "right"  # dist_tune pads right
+    train_set, _ = build_datasets(cfg, tokenizer)
+    model = load_model(cfg, tokenizer, device="cpu")
+    clock = StepClock()
+    pending = {"tokens": 0, "padded": 0, "examples": 0, "loss": 0.0, "begin": 0.0}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kwargs):
+            pending["begin"] = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            end = time.perf_counter()
+            clock.ends.append(end)
+            clock.compute.append(end - pending["begin"])
+            clock.tokens.append(pending["tokens"])
+            clock.padded.append(pending["padded"])
+            clock.examples.append(pending["examples"])
+            clock.losses.append(pending["loss"])
+            pending.update(tokens=0, padded=0, examples=0, loss=0.0)
+
+    class BenchTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return ResumableSampler(len(dataset), shuffle=True, seed=SEED, rank=0, world_size=1, drop_last=True)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            tokens, padded, examples = batch_stats(inputs)
+            pending["tokens"] += tokens
+            pending["padded"] += padded
+            pending["examples"] += examples
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            pending["loss"] += float(loss)
+            return loss
+
+    targs = TrainingArguments(
+        output_dir=workdir, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps, learning_rate=LR, weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1], adam_epsilon=EPS, lr_scheduler_type="cosine", warmup_steps=0,
+        max_grad_norm=MAX_GRAD_NORM, seed=SEED, use_cpu=True, bf16=False, fp16=False,
+        eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, dataloader_drop_last=True,
+        remove_unused_columns=False)
+    optim = (torch.optim.AdamW, {"lr": LR, "betas": BETAS, "eps": EPS, "foreach": True}) \
+        if args.hf_optim == "same" else None
+    trainer = BenchTrainer(model=model, args=targs, train_dataset=train_set, processing_class=tokenizer,
+                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100,
+                                                                return_tensors="pt"),
+                           callbacks=[Clock()], optimizer_cls_and_kwargs=optim)
+    trainer.train()
+    out = clock.result(args.warmup, args.steps)
+    out["rows"] = len(train_set)
+    out["optimizer"] = repr(type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                                 else trainer.optimizer).__name__) + \
+        f" {args.hf_optim} ({'foreach=True' if optim else targs.optim})"
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{args.worker}-") as workdir:
+        if args.worker == "hf":
+            out = run_hf(args, workdir)
+        else:
+            out = run_dt(args, args.worker == "dt_pack", workdir)
+    out.update(system=args.worker, torch_threads=torch.get_num_threads())
+    Path(args.result_file).write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{head}{' (uncommitted changes)' if dirty else ''}" if head else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+
+    import dist_tune
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "dist_tune": f"{dist_tune.__version__} @ {git_commit()}"}
+
+
+def device_info(threads: int) -> dict:
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": default_threads(),
+            "torch_threads": threads, "platform": platform.platform()}
+
+
+def worker_env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_worker(args: argparse.Namespace, system: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-result-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result-file", str(result_file),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch),
+               "--max-length", str(args.max_length), "--preset", args.preset, "--threads", str(args.threads),
+               "--hf-optim", args.hf_optim]
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(args.threads), capture_output=True, text=True,
+                              timeout=args.timeout)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0 or not result_file.exists():
+            raise SystemExit(f"worker {system} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        out = json.loads(result_file.read_text())
+    out.update(process_wall_seconds=wall, loadavg_1m_before=load_before[0], loadavg_1m_after=os.getloadavg()[0])
+    print(f"  {system:8s} {out['tokens_per_s']:10.1f} tokens/s  ({out['timed_tokens']} tokens in "
+          f"{out['timed_seconds']:.2f} s; process {wall:.1f} s; load {load_before[0]:.2f})", file=sys.stderr)
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    tps = [r["tokens_per_s"] for r in runs]
+    median_run = sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
+    keep = ("timed_steps", "timed_seconds", "timed_tokens", "timed_padded_tokens", "timed_examples",
+            "padding_fraction", "examples_per_s", "steps_per_s", "compute_seconds", "rows", "optimizer",
+            "loss_first", "loss_last")
+    return {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_runs": tps,
+            "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
+            **{k: median_run[k] for k in keep}, "runs": runs}
+
+
+def same_batches(results: dict) -> bool | None:
+    if "hf" not in results or "dt" not in results:
+        return None
+    return results["hf"]["runs"][0]["tokens_per_step"] == results["dt"]["runs"][0]["tokens_per_step"]
+
+
+def markdown(report: dict) -> str:
+    s, res = report["settings"], report["results"]
+    base = res.get("hf", {}).get("tokens_per_s_median")
+    lines = ["| system | non-pad tokens/s (median) | runs | vs HF | examples/s | steps/s | padding | "
+             "tokens / timed steps | loss step 1 → last |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, r in res.items():
+        ratio = f"{r['tokens_per_s_median'] / base:.2f}×" if base else "n/a"
+        runs = ", ".join(f"{v:.0f}" for v in r["tokens_per_s_runs"])
+        lines.append(f"| {LABELS[name]} | {r['tokens_per_s_median']:.1f} | {runs} | {ratio} | {r['examples_per_s']:.2f} | "
+                     f"{r['steps_per_s']:.3f} | {100 * r['padding_fraction']:.1f}% | {r['timed_tokens']} / "
+                     f"{r['timed_steps']} | {r['loss_first']:.4f} → {r['loss_last']:.4f} |")
+    d, v = report["device"], report["versions"]
+    head = [f"### Throughput vs HF Trainer, {report['date']}",
+            "",
+            f"- device: {d['cpu']}, {d['usable_cores']} usable cores ({d['logical_cores']} logical), "
+            f"torch threads {d['torch_threads']} in every worker; {d['platform']}",
+            f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+            f"- settings: preset {s['preset']} (fp32, sdpa, seed {SEED}), bundled:instructions, alpaca template, "
+            f"prompt tokens masked, max_length {s['max_length']}, micro-batch {s['micro_batch']} rows, "
+            f"1 process, AdamW lr {LR} wd {WEIGHT_DECAY} (HF optimizer: {s['hf_optim']}), cosine, clip "
+            f"{MAX_GRAD_NORM}; {s['warmup']} warmup steps untimed, {s['steps']} timed steps; "
+            f"{s['repeats']} round(s) in the order {', '.join(s['which'])}",
+            f"- unit: non-padding (attention_mask==1) tokens per second over the timed steps, wall clock from the "
+            f"end of step {s['warmup']} to the end of step {s['warmup'] + s['steps']} (startup, tokenization and "
+            f"model build excluded). dt_pack rows hold several examples each, so its steps/s is not comparable; "
+            f"tokens/s is.",
+            f"- hf and dt saw identical micro-batches: {report['identical_batches']}"
+            f"{' (same sampler permutation; per-step token counts equal)' if report['identical_batches'] else ''}",
+            f"- 1-minute load average before the first worker: {report['loadavg_1m_start']:.2f}",
+            ""]
+    return "\n".join(head + lines) + "\n"
+
+
+def append_results_md(path: Path, section: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "" if path.exists() else "# Benchmark results\n\nSections are appended by the scripts in `benchmarks/`.\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(header + "\n" + section)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    load_start = os.getloadavg()[0]
+    runs: dict[str, list[dict]] = {s: [] for s in args.systems}
+    for round_ in range(args.repeats):
+        print(f"round {round_ + 1}/{args.repeats}", file=sys.stderr)
+        for system in args.systems:
+            runs[system].append(run_worker(args, system))
+    results = {s: summarise(r) for s, r in runs.items()}
+    report = {
+        "benchmark": "throughput_vs_hf", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device_info(args.threads), "versions": versions(),
+        "settings": {"preset": args.preset, "max_length": args.max_length, "micro_batch": args.micro_batch,
+                     "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "which": args.systems,
+                     "threads": args.threads, "hf_optim": args.hf_optim, "dtype": "fp32", "processes": 1,
+                     "data": "bundled:instructions", "template": "alpaca", "seed": SEED},
+        "unit": "non-padding tokens per second (attention_mask==1) over the timed steps",
+        "loadavg_1m_start": load_start, "identical_batches": same_batches(results),
+        "results": results,
+        "ratio_vs_hf": {s: r["tokens_per_s_median"] / results["hf"]["tokens_per_s_median"]
+                        for s, r in results.items() if "hf" in results and s != "hf"},
+    }
+    table = markdown(report)
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.results_md:
+        append_results_md(Path(args.results_md), table)
+    print(table)
+    summary = {k: v for k, v in report.items() if k != "results"}
+    summary["results"] = {s: {k: v for k, v in r.items() if k != "runs"} for s, r in results.items()}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
