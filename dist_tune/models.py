@@ -93,6 +93,8 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
     dtype = DTYPES[cfg.model.dtype]
     auto = auto_class(cfg.model.task)
     torch.manual_seed(cfg.train.seed)
+    if cfg.peft.load_in_4bit:
+        return load_4bit(cfg, hf_cfg, auto, dtype)
     with torch.device(device):
         if cfg.model.name_or_path in PRESETS:
             model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
@@ -100,6 +102,28 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
             model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=dtype,
                                          attn_implementation=cfg.model.attn_implementation)
     return model
+
+
+def load_4bit(cfg: Config, hf_cfg, auto, dtype: torch.dtype) -> torch.nn.Module:
+    """QLoRA base: NF4 weights with double quantisation via bitsandbytes, on this process's GPU."""
+    if not torch.cuda.is_available():
+        raise UserError("peft.load_in_4bit (QLoRA) needs a CUDA GPU; set peft.load_in_4bit=false on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("peft.load_in_4bit needs bitsandbytes; pip install 'dist_tune[qlora]'") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if dtype != torch.float32 else torch.bfloat16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    if cfg.model.name_or_path in PRESETS:
+        raise UserError("peft.load_in_4bit quantises pretrained weights; point model.name_or_path at a local model")
+    model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=compute,
+                                 quantization_config=quant, device_map={"": torch.cuda.current_device()},
+                                 attn_implementation=cfg.model.attn_implementation)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.engine.activation_checkpointing)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -14,7 +14,8 @@ class SingleEngine(Engine):
 
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
-        model.to(self.device)
+        if not getattr(model, "hf_device_map", None):  # quantised models were placed at load time
+            model.to(self.device)
         apply_common(model, self.cfg)
         self.model = self.wrap(model)
         self.optimizer = optimizer_factory(param_groups(self.unwrap(), self.cfg.optim.weight_decay))

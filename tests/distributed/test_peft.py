@@ -14,7 +14,7 @@ from dist_tune.config import load_config
 from dist_tune.models import load_model, load_tokenizer
 
 STEPS = 10
-LR = {"lora": "1e-2", "dora": "1e-2", "ia3": "5e-2", "prefix_tuning": "3e-2", "prompt_tuning": "3e-2", "adapter": "2e-2"}
+LR = {"lora": "1e-2", "dora": "1e-2", "ia3": "5e-2", "prefix_tuning": "3e-2", "prompt_tuning": "3e-2", "adapter": "2e-2", "freeze": "1e-2"}
 ADAPTER_KEYS = {"lora": "lora_", "dora": "lora_magnitude_vector", "ia3": "ia3_", "prefix_tuning": "prompt_embeddings",
                 "prompt_tuning": "prompt_embeddings", "adapter": "adaption_"}
 
@@ -84,3 +84,14 @@ def test_fsdp_lora_with_bf16_base_and_fp32_adapters(runs_root):
     assert sum(losses[s] for s in (8, 9, 10)) < sum(losses[s] for s in (1, 2, 3)), losses
     tensors = load_file(runs_root / name / "final" / "adapter_model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+def test_freeze_trains_only_the_last_layer_and_named_modules(runs_root):
+    name = "freeze-single"
+    dist_tune("train", *run_args(runs_root, name, "freeze", "--peft.train_last_n_layers=1",
+                                 "--peft.trainable_modules=[lm_head]"))
+    before = base_model().state_dict()
+    after = AutoModelForCausalLM.from_pretrained(runs_root / name / "final").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.") or k.startswith("lm_head") for k in changed), changed
+    assert "lm_head.weight" in changed and "model.layers.1.mlp.up_proj.weight" in changed
