@@ -99,3 +99,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(runs_root):
     assert resumed.keys() == straight.keys() == set(range(1, 9))
     for step in straight:  # CPU fp32, same process layout: bit-for-bit up to float printing
         assert resumed[step] == pytest.approx(straight[step], rel=1e-9), step
+
+
+def test_early_stopping_stops_when_the_metric_stops_improving(runs_root):
+    # eval/loss falls, so with mode=max it "stops improving" after the first eval: patience 2 → stop at step 6
+    proc = dist_tune("train", *TINY, "--optim.lr=1e-2", "--train.max_steps=40", "--train.eval_steps=2",
+                     "--train.early_stopping_patience=2", "--train.early_stopping_mode=max",
+                     f"--train.output_dir={runs_root}", "--train.run_name=early")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["stopped"] == "early_stopping" and summary["steps"] == 6
+    evals = read_metrics(runs_root / "early", "eval/loss")
+    assert sorted(evals) == [2, 4, 6] and evals[6] < evals[4] < evals[2]
+    assert (runs_root / "early" / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
