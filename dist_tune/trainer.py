@@ -133,11 +133,20 @@ class Trainer:
                    "train/tokens_per_s": tokens_per_s, "train/samples_per_s": result.samples / max(elapsed, 1e-9),
                    "train/data_wait_s": result.data_wait_s, "train/compute_s": result.compute_s,
                    "train/epoch": self.state.epoch + self.state.batches_in_epoch / max(len(self.loader), 1)}
-        metrics.update(memory_metrics(self.engine.device))
+        metrics.update(self._peak_memory_over_ranks())
         mfu = self.mfu(tokens_per_s, result.tokens / max(result.samples, 1))
         if mfu is not None:
             metrics["train/mfu"] = mfu
         return metrics
+
+    def _peak_memory_over_ranks(self) -> dict[str, float]:
+        """Peak device memory (host RSS on CPU), the maximum over all ranks."""
+        local = memory_metrics(self.engine.device)
+        if not local:
+            return {}
+        values = self.engine.all_reduce_max(torch.tensor(list(local.values()), dtype=torch.float64,
+                                                         device=self.engine.device))
+        return dict(zip(local, values.tolist()))
 
     def _track_bad_step(self, result: StepResult) -> None:
         if not result.skipped:
