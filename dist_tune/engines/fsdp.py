@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from dist_tune.engines.base import AUTOCAST, Engine, OptimizerFactory, SchedulerFactory, param_groups
 from dist_tune.engines.parallelize import apply_common
+from dist_tune.errors import UserError
 from dist_tune.models import decoder_layers
 
 
@@ -49,6 +50,12 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 class FSDPEngine(Engine):
     name = "fsdp"
     shards_state = True
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        if cfg.engine.cpu_offload and self.device.type != "cuda":
+            raise UserError("engine.cpu_offload moves FSDP shards from GPU to host memory, and this run has no GPU; "
+                            "unset engine.cpu_offload")
 
     def init_device(self) -> torch.device:
         """Only rank 0 materialises the full model; the others build it on meta and receive shards."""
