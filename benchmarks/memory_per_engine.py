@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--verbose", action="store_true", help="print the output of failed runs")
+    p.add_argument("--retries", type=int, default=1, help="re-runs of a failed run before it is reported failed")
     p.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "memory_cpu.json"))
     p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"),
                    help="markdown file a section is appended to ('' = none)")
@@ -142,18 +144,30 @@ def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root
     from dist_tune.config import load_config
     from dist_tune.estimate import GIB, estimate
 
-    overrides = overrides_for(args, model, engine, method, str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_tune.cli", "train",
-           *(f"--{k}={v}" for k, v in overrides.items())]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(args.threads), capture_output=True, text=True,
-                          timeout=args.timeout)
-    wall = time.perf_counter() - start
-    run_dir = root / f"{method}-{engine}"
-    if proc.returncode != 0 or not (run_dir / "summary.json").is_file():
-        raise SystemExit(f"{method}/{engine} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    failures = []
+    for attempt in range(1 + args.retries):  # a retry covers e.g. a rendezvous port taken between pick and bind
+        name = f"{method}-{engine}" + (f"-retry{attempt}" if attempt else "")
+        overrides = overrides_for(args, model, engine, method, str(root))
+        overrides["train.run_name"] = name
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_tune.cli", "train",
+               *(f"--{k}={v}" for k, v in overrides.items())]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(args.threads), capture_output=True, text=True,
+                              timeout=args.timeout)
+        wall = time.perf_counter() - start
+        run_dir = root / name
+        if proc.returncode == 0 and (run_dir / "summary.json").is_file():
+            break
+        reason = first_error(proc.stderr) or f"exit {proc.returncode}"
+        failures.append({"reason": reason, "wall_s": wall, "stderr_tail": proc.stderr[-4000:]})
+        print(f"  {method:5s} {engine:6s} FAILED attempt {attempt + 1} ({wall:.0f} s): {reason}\n"
+              f"    command: {' '.join(cmd)}", file=sys.stderr)
+        if args.verbose:
+            print(proc.stdout[-3000:], proc.stderr[-12000:], sep="\n", file=sys.stderr)
+    else:
+        return {"method": method, "engine": engine, "kind": ENGINES[engine][0], "zero_stage": ENGINES[engine][1],
+                "failed": failures[-1]["reason"], "attempts": failures, "command": cmd}
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rss = [r["train/peak_rss_gib"] for r in records if "train/peak_rss_gib" in r]
@@ -164,6 +178,7 @@ def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root
     measured = {"params": summary["param_bytes"], "optimizer": summary["optim_bytes"]}
     out = {"method": method, "engine": engine, "kind": ENGINES[engine][0], "zero_stage": ENGINES[engine][1],
            "params": e.params, "trainable": e.trainable, "steps": summary.get("steps"), "wall_s": wall,
+           "failed_attempts": failures,
            "measured_rank0": measured,
            "formula": f,
            "estimate": {"weights": e.weights_gib * GIB, "grads": e.grads_gib * GIB,
@@ -180,6 +195,17 @@ def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root
           f"(formula {f['optimizer'] / MIB:8.2f}, estimate {out['estimate']['optimizer'] / MIB:8.2f})  "
           f"{wall:.0f} s", file=sys.stderr)
     return out
+
+
+def first_error(stderr: str) -> str | None:
+    """The first exception line of any rank ("[rankN]: SomeError: ..." or "dist-tune: error: ...")."""
+    for line in stderr.splitlines():
+        text = line.split("]: ", 1)[1] if line.startswith("[rank") and "]: " in line else line
+        if text.startswith("dist-tune: error:") or (not text.startswith(" ") and "Error: " in text
+                                                     and "ChildFailedError" not in text):
+            rank = line.split("]", 1)[0] + "] " if line.startswith("[rank") else ""
+            return (rank + text.strip())[:400]
+    return None
 
 
 def cpu_model() -> str:
@@ -243,6 +269,9 @@ def markdown(report: dict) -> str:
              "peak RSS rank 0 GiB |",
              "| --- | --- | --- | --- | --- | --- | --- | ---: |"]
     for r in report["runs"]:
+        if "failed" in r:
+            lines.append(f"| {r['method']} | {r['engine']} | FAILED: {r['failed'].replace('|', '/')} | | | | | |")
+            continue
         m, f, e = r["measured_rank0"], r["formula"], r["estimate"]
         rss = "n/a" if r["peak_rss_gib_rank0"] is None else f"{r['peak_rss_gib_rank0']:.2f}"
         lines.append(
@@ -252,6 +281,10 @@ def markdown(report: dict) -> str:
             f"{mib(f['grads'])} / {mib(e['grads'])} | "
             f"{ratio(r['ratio_measured_vs_formula']['params'])}, {ratio(r['ratio_measured_vs_formula']['optimizer'])}"
             f" | {rss} |")
+    retried = [f"{r['method']}/{r['engine']} ({r['failed_attempts'][0]['reason']})"
+               for r in report["runs"] if r.get("failed_attempts")]
+    if retried:
+        lines += ["", "Succeeded on a retry: " + "; ".join(retried)]
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
             fh.write(header + "\n" + table)
     print(table)
     print(json.dumps(report, indent=2))
+    failed = [f"{r['method']}/{r['engine']}" for r in runs if "failed" in r]
+    if failed:
+        print(f"FAILED runs: {', '.join(failed)} (see the table; --verbose prints their output)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

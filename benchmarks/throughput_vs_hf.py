@@ -383,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
     load_start = os.getloadavg()[0]
+    if load_start > 0.25 * default_threads():
+        print(f"WARNING: 1-minute load average is {load_start:.2f} on {default_threads()} cores: other processes "
+              "compete for the CPU and torch's OpenMP threads slow down erratically; the numbers will not be "
+              "representative (the load is recorded in the results)", file=sys.stderr)
     runs: dict[str, list[dict]] = {s: [] for s in args.systems}
     for round_ in range(args.repeats):
         print(f"round {round_ + 1}/{args.repeats}", file=sys.stderr)

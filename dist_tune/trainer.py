@@ -124,7 +124,7 @@ class Trainer:
         loss = float(engine.all_reduce_sum(total)) / max(global_targets, 1.0)
         bad = not math.isfinite(loss)
         grad_norm = engine.step(skip=bad)
-        bad = bad or not math.isfinite(grad_norm)
+        bad = bad or not (math.isfinite(grad_norm) or engine.handles_overflow)
         return StepResult(loss, grad_norm, int(tokens), int(samples), 0.0, time.perf_counter() - start, skipped=bad)
 
     def train_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:

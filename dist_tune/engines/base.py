@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ class Engine:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.engine.mixed_precision == "fp16" else None
 
     # --- lifecycle -------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
@@ -78,7 +80,8 @@ class Engine:
         return 1.0
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.loss_scale()).backward()
+        loss = loss * self.loss_scale()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def no_sync(self, is_last_micro_step: bool):
         return contextlib.nullcontext()
@@ -88,15 +91,33 @@ class Engine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
+    @property
+    def handles_overflow(self) -> bool:
+        """True when fp16 loss scaling skips overflowing steps itself (a non-finite grad norm is expected then)."""
+        return self.scaler is not None
+
     def step(self, skip: bool = False) -> float:
-        """Clip, step optimizer and scheduler (unless skip), zero grads; returns the pre-clip grad norm."""
+        """Unscale (fp16), clip, step optimizer and scheduler (unless skip), zero grads; returns the grad norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         norm = self.clip_and_norm()
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not skip and torch.isfinite(torch.tensor(norm)):
+        if self.scaler:
+            if not skip:
+                self.scaler.step(self.optimizer)  # skips the update itself on inf/nan gradients
+            self.scaler.update()
+        elif not skip and math.isfinite(norm):
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def scaler_state(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_scaler_state(self, state: dict) -> None:
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

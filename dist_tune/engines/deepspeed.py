@@ -75,11 +75,10 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg: Config, env) -> None:
         super().__init__(cfg, env)
+        self.scaler = None  # DeepSpeed's fp16 optimizer does its own loss scaling
         ds_config(cfg, env.world_size, hidden_size=1024)  # fail fast on a JSON that contradicts the config
 
-    @property
-    def shards_state(self) -> bool:
-        return True
+    shards_state = True
 
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
@@ -107,6 +106,10 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss * self.env.world_size, scale_wrt_gas=False)
         self.model.step()
+
+    @property
+    def handles_overflow(self) -> bool:
+        return self.cfg.engine.mixed_precision == "fp16"
 
     def step(self, skip: bool = False) -> float:
         """The update already ran inside the last micro-step's engine.step(); report its grad norm."""

@@ -97,6 +97,7 @@ class FSDPEngine(Engine):
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ckpt_dir / "dcp"))
         if self.env.rank == 0:
             (ckpt_dir / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            torch.save(self.scaler_state(), ckpt_dir / "scaler.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
@@ -107,6 +108,7 @@ class FSDPEngine(Engine):
                        optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
         self.scheduler.load_state_dict(json.loads((ckpt_dir / "scheduler.json").read_text()))
+        self.load_scaler_state(torch.load(ckpt_dir / "scaler.pt", weights_only=True))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -27,13 +27,14 @@ class SingleEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         if self.env.rank == 0:
             torch.save({"model": trainable_state(self.unwrap()), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, ckpt_dir / "engine_state.pt")
+                        "scheduler": self.scheduler.state_dict(), **self.scaler_state()}, ckpt_dir / "engine_state.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         state = torch.load(ckpt_dir / "engine_state.pt", map_location=self.device, weights_only=True)
         load_trainable_state(self.unwrap(), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.load_scaler_state(state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.env.rank != 0:

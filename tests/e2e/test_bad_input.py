@@ -343,3 +343,29 @@ def test_resume_from_an_incomplete_explicit_checkpoint(cli, tmp_path):
     (partial / "trainer_state.json").write_text('{"step": 4}')
     assert_user_error(cli(*base(tmp_path, f"--train.resume={partial}")), tmp_path,
                       "not a complete checkpoint", "COMPLETE marker")
+
+
+# --- secrets -----------------------------------------------------------------------------------------------------------
+
+SECRET = "dt-secret-XYZ123"
+
+
+def test_wandb_api_key_is_written_nowhere(tmp_path):
+    """A real CLI process with WANDB_API_KEY set and an offline W&B run: the key is in no file of the run dir
+    (config.yaml, metrics, logs, wandb/, checkpoints, final/) and not in the console output."""
+    import base64
+
+    from conftest import dist_tune
+
+    proc = dist_tune("train", *TINY, "--log.wandb.mode=offline", "--train.max_steps=2", "--checkpoint.save_steps=1",
+                     "--log.log_steps=1", f"--train.output_dir={tmp_path / 'runs'}", "--train.run_name=secret",
+                     f"--data.cache_dir={tmp_path / 'cache'}", env={"WANDB_API_KEY": SECRET, "WANDB_SILENT": "false"})
+    run_dir = tmp_path / "runs" / "secret"
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    wandb_files = [p for p in files if "wandb" in p.relative_to(run_dir).parts]
+    assert any(p.suffix == ".wandb" for p in wandb_files), sorted(map(str, files))  # the offline run was written
+    assert (run_dir / "checkpoints" / "step_00000001" / "COMPLETE").is_file() and (run_dir / "config.yaml").is_file()
+    needles = [SECRET.encode(), base64.b64encode(SECRET.encode()), SECRET.encode("utf-16-le")]
+    leaks = [str(p) for p in files for needle in needles if needle in p.read_bytes()]
+    assert not leaks, leaks
+    assert SECRET not in proc.stdout and SECRET not in proc.stderr

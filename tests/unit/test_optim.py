@@ -45,3 +45,26 @@ def test_factories_build_sgd_and_adamw_with_the_schedule():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
     adam = optimizer_factory(load_config(None, {}).optim)([{"params": params}])
     assert isinstance(adam, torch.optim.AdamW)
+
+
+def test_fp16_grad_scaler_skips_overflowing_steps_and_recovers(tmp_path):
+    from dist_tune.cluster import detect
+    from dist_tune.engines.single import SingleEngine
+
+    cfg = load_config(None, {"engine.mixed_precision": "fp16", "train.device": "cpu"})
+    engine = SingleEngine(cfg, detect({}))
+    layer = torch.nn.Linear(4, 1)
+    engine.prepare(layer, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, 10))
+    before = layer.weight.detach().clone()
+    engine.backward(layer(torch.ones(1, 4)).sum() * float("inf"))
+    assert engine.step() == float("inf") and engine.handles_overflow
+    assert torch.equal(layer.weight, before)  # overflow: update skipped, scale reduced
+    assert engine.scaler.get_scale() < 65536.0
+    engine.backward(layer(torch.ones(1, 4)).sum())
+    assert torch.isfinite(torch.tensor(engine.step()))
+    assert not torch.equal(layer.weight, before)
+    engine.save(tmp_path)
+    restored = SingleEngine(cfg, detect({}))
+    restored.prepare(torch.nn.Linear(4, 1), optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, 10))
+    restored.load(tmp_path)
+    assert restored.scaler.get_scale() == engine.scaler.get_scale()
