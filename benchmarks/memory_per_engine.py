@@ -8,9 +8,9 @@ For each (peft method, engine) it runs the real CLI under torchrun (`python -m t
 --nproc_per_node=2 -m dist_tune.cli train ...`, gloo, fp32 by default) for a few steps and reads rank 0's
 `summary.json`: `param_bytes` and `optim_bytes` from `engine.local_state_bytes()` (shards counted at their local
 size; DeepSpeed's optim_bytes include its fp32 master partition). Gradients are NOT in those numbers (they are
-freed by zero_grad before the summary); the grads columns are formula/estimate only. Rank 0's peak RSS
-(`train/peak_rss_gib`, ru_maxrss: the process lifetime peak, model build and engine setup included) is read from
-metrics.jsonl.
+freed by zero_grad before the summary); the grads columns are formula/estimate only. Peak RSS is
+`train/peak_rss_gib` from metrics.jsonl: ru_maxrss, the process lifetime peak (libraries, model build and engine
+setup included), the maximum over the ranks (the trainer all-reduces it).
 
 Compared with
   formula   the ZeRO paper's bytes per parameter, per rank: mixed-precision Adam (bf16/fp16) 2 weights +
@@ -183,7 +183,7 @@ def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root
            "formula": f,
            "estimate": {"weights": e.weights_gib * GIB, "grads": e.grads_gib * GIB,
                         "optimizer": e.optimizer_gib * GIB},
-           "peak_rss_gib_rank0": max(rss) if rss else None}
+           "peak_rss_gib_max_over_ranks": max(rss) if rss else None}
     out["ratio_measured_vs_formula"] = {
         "params": measured["params"] / f["weights"], "optimizer": measured["optimizer"] / f["optimizer"]
         if f["optimizer"] else None}
@@ -198,14 +198,18 @@ def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root
 
 
 def first_error(stderr: str) -> str | None:
-    """The first exception line of any rank ("[rankN]: SomeError: ..." or "dist-tune: error: ...")."""
+    """The root exception line of any rank ("[rankN]: SomeError: ..." or "dist-tune: error: ..."); a rank's
+    "connection closed by peer" is only the echo of another rank's crash, so it is reported only if alone."""
+    found = []
     for line in stderr.splitlines():
         text = line.split("]: ", 1)[1] if line.startswith("[rank") and "]: " in line else line
         if text.startswith("dist-tune: error:") or (not text.startswith(" ") and "Error: " in text
                                                      and "ChildFailedError" not in text):
             rank = line.split("]", 1)[0] + "] " if line.startswith("[rank") else ""
-            return (rank + text.strip())[:400]
-    return None
+            found.append((rank + text.strip())[:400])
+    secondary = ("Connection closed by peer", "Connection reset by peer")
+    root = [f for f in found if not any(word in f for word in secondary)]
+    return (root or found or [None])[0]
 
 
 def cpu_model() -> str:
@@ -261,19 +265,20 @@ def markdown(report: dict) -> str:
              f"- formula: ZeRO paper per rank, {report['formula_note']}",
              "- estimate: `dist-tune estimate-memory` (`dist_tune.estimate.estimate(cfg, world_size)`) for the "
              "same config",
-             "- peak RSS: rank 0's `train/peak_rss_gib` (process lifetime peak incl. libraries, model build and "
-             "engine setup; not model state alone)",
+             "- peak RSS: `train/peak_rss_gib`, max over ranks (process lifetime peak incl. libraries, model build "
+             "and engine setup: FSDP's rank 0 and every ZeRO-3 rank hold the full model before it is sharded, so this "
+             "is not model state alone)",
              "",
              "| method | engine | N (trainable) | params MiB measured / formula / estimate | optimizer MiB measured / "
              "formula / estimate | grads MiB formula / estimate | measured ÷ formula (params, optim) | "
-             "peak RSS rank 0 GiB |",
+             "peak RSS GiB (max over ranks) |",
              "| --- | --- | --- | --- | --- | --- | --- | ---: |"]
     for r in report["runs"]:
         if "failed" in r:
             lines.append(f"| {r['method']} | {r['engine']} | FAILED: {r['failed'].replace('|', '/')} | | | | | |")
             continue
         m, f, e = r["measured_rank0"], r["formula"], r["estimate"]
-        rss = "n/a" if r["peak_rss_gib_rank0"] is None else f"{r['peak_rss_gib_rank0']:.2f}"
+        rss = "n/a" if r["peak_rss_gib_max_over_ranks"] is None else f"{r['peak_rss_gib_max_over_ranks']:.2f}"
         lines.append(
             f"| {r['method']} | {r['engine']} | {r['params']:,} ({r['trainable']:,}) | "
             f"{mib(m['params'])} / {mib(f['weights'])} / {mib(e['weights'])} | "

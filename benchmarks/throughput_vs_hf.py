@@ -13,8 +13,8 @@ Systems, each run as its own subprocess (`--worker SYSTEM`), one after another i
            in the same order (checked: the per-step token counts are compared). AdamW: by default the same
            torch AdamW(foreach=True) dist_tune builds (`--hf-optim same`); `--hf-optim default` keeps HF's own
            default (adamw_torch_fused). fp32, no eval/save/logging/report_to.
-  dt       dist_tune's real code path: `dist_tune.run.build_trainer(cfg, env)` + `trainer.train()`, engine single,
-           padding to the longest row of each micro-batch.
+  dt       dist_tune's real code path in-process: `dist_tune.run.train(cfg)` (what `dist-tune train` runs: engine
+           single, padding to the longest row of each micro-batch), with Trainer.train_step wrapped for timing.
   dt_pack  the same with `data.pack=true`: whole examples packed greedily into rows of at most max_length tokens,
            position ids restart per example (padding-free; attention stays within an example). A packed
            micro-batch of 8 rows holds several times more examples, so compare tokens/s, not steps/s.
@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--preset", default="small-llama", help="dist_tune model preset (dist_tune.models.PRESETS)")
     p.add_argument("--which", default="hf,dt,dt_pack", help="comma list of hf, dt, dt_pack (run in this order)")
-    p.add_argument("--repeats", type=int, default=1, help="rounds of --which; the median round is reported")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of --which (use an odd number); each system's median round is reported")
     p.add_argument("--threads", type=int, default=default_threads(), help="torch threads in every worker")
     p.add_argument("--hf-optim", choices=("same", "default"), default="same",
                    help="same: HF gets torch AdamW(foreach=True) like dist_tune; default: HF's default optim")
@@ -138,20 +138,19 @@ def batch_stats(batch: dict) -> tuple[int, int, int]:
 
 
 def run_dt(args: argparse.Namespace, pack: bool, workdir: str) -> dict:
-    from dist_tune import cluster, metrics
-    from dist_tune.run import build_trainer
+    """dist_tune's own entry point, `dist_tune.run.train(cfg)` (what `dist-tune train` runs), with
+    Trainer.train_step wrapped to timestamp the end of every optimizer step."""
+    from dist_tune import run
+    from dist_tune.trainer import Trainer
 
     cfg = dt_config(args, pack, workdir)
-    env = cluster.detect()
-    cluster.init_distributed(env, timeout_minutes=cfg.engine.timeout_minutes)
-    trainer = build_trainer(cfg, env)
-    trainer.metrics = metrics.MetricsLogger(cfg, trainer.run_dir, rank=0, total_steps=trainer.total_steps)
     clock = StepClock()
-    real_step = trainer.train_step
+    seen: dict = {}
+    real_step = Trainer.train_step
 
-    def timed_step(micro_batches):
+    def timed_step(self, micro_batches):
         start = time.perf_counter()
-        result = real_step(micro_batches)
+        result = real_step(self, micro_batches)
         end = time.perf_counter()
         stats = [batch_stats(b) for b in micro_batches]
         clock.ends.append(end)
@@ -161,13 +160,17 @@ def run_dt(args: argparse.Namespace, pack: bool, workdir: str) -> dict:
         clock.examples.append(sum(s[2] for s in stats))
         clock.losses.append(result.loss)
         assert clock.tokens[-1] == result.tokens, (clock.tokens[-1], result.tokens)
+        seen.update(rows=len(self.train_set), optimizer=self.engine.optimizer)
         return result
 
-    trainer.train_step = timed_step  # instance attribute: Trainer.train() calls self.train_step(...)
-    trainer.train()
+    Trainer.train_step = timed_step  # this worker process runs nothing else
+    try:
+        run.train(cfg)
+    finally:
+        Trainer.train_step = real_step
     out = clock.result(args.warmup, args.steps)
-    out["rows"] = len(trainer.train_set)
-    out["optimizer"] = repr(type(trainer.engine.optimizer).__name__) + f" foreach={trainer.engine.optimizer.defaults.get('foreach')}"
+    out["rows"] = seen["rows"]
+    out["optimizer"] = f"{type(seen['optimizer']).__name__} foreach={seen['optimizer'].defaults.get('foreach')}"
     return out
 
 
@@ -231,9 +234,9 @@ def run_hf(args: argparse.Namespace, workdir: str) -> dict:
     trainer.train()
     out = clock.result(args.warmup, args.steps)
     out["rows"] = len(train_set)
-    out["optimizer"] = repr(type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                                 else trainer.optimizer).__name__) + \
-        f" {args.hf_optim} ({'foreach=True' if optim else targs.optim})"
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    out["optimizer"] = f"{type(inner).__name__} foreach={inner.defaults.get('foreach')} fused=" \
+        f"{inner.defaults.get('fused')} (--hf-optim {args.hf_optim})"
     return out
 
 
@@ -320,14 +323,17 @@ def run_worker(args: argparse.Namespace, system: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
+    """The median round (the lower one of the middle two for an even count, so every column is one real run)."""
     tps = [r["tokens_per_s"] for r in runs]
     median_run = sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
     keep = ("timed_steps", "timed_seconds", "timed_tokens", "timed_padded_tokens", "timed_examples",
             "padding_fraction", "examples_per_s", "steps_per_s", "compute_seconds", "rows", "optimizer",
             "loss_first", "loss_last")
-    return {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_runs": tps,
+    return {"tokens_per_s_median": median_run["tokens_per_s"], "tokens_per_s_runs": tps,
             "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
-            **{k: median_run[k] for k in keep}, "runs": runs}
+            **{k: median_run[k] for k in keep},
+            "step_s_median": sorted(median_run["step_seconds"])[len(median_run["step_seconds"]) // 2],
+            "step_s_max": max(median_run["step_seconds"]), "runs": runs}
 
 
 def same_batches(results: dict) -> bool | None:
@@ -339,14 +345,15 @@ def same_batches(results: dict) -> bool | None:
 def markdown(report: dict) -> str:
     s, res = report["settings"], report["results"]
     base = res.get("hf", {}).get("tokens_per_s_median")
-    lines = ["| system | non-pad tokens/s (median) | runs | vs HF | examples/s | steps/s | padding | "
-             "tokens / timed steps | loss step 1 → last |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| system | non-pad tokens/s (median) | runs | vs HF | examples/s | steps/s | step s median (max) | "
+             "padding | tokens / timed steps | loss step 1 → last |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in res.items():
         ratio = f"{r['tokens_per_s_median'] / base:.2f}×" if base else "n/a"
         runs = ", ".join(f"{v:.0f}" for v in r["tokens_per_s_runs"])
         lines.append(f"| {LABELS[name]} | {r['tokens_per_s_median']:.1f} | {runs} | {ratio} | {r['examples_per_s']:.2f} | "
-                     f"{r['steps_per_s']:.3f} | {100 * r['padding_fraction']:.1f}% | {r['timed_tokens']} / "
+                     f"{r['steps_per_s']:.3f} | {r['step_s_median']:.3f} ({r['step_s_max']:.3f}) | "
+                     f"{100 * r['padding_fraction']:.1f}% | {r['timed_tokens']} / "
                      f"{r['timed_steps']} | {r['loss_first']:.4f} → {r['loss_last']:.4f} |")
     d, v = report["device"], report["versions"]
     head = [f"### Throughput vs HF Trainer, {report['date']}",

@@ -55,6 +55,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -484,6 +485,11 @@ def destroy_distributed() -> None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        # Release the GIL for a moment before the caller drops the last references (e.g. DDP's Reducer) to the
+        # group: gloo's worker threads free finished work (and with it Python-created tensors, which needs the
+        # GIL) after the collective returned, while ~ProcessGroupGloo joins those threads with the GIL held --
+        # a rank exiting within the GIL switch interval of its last collective then hangs forever.
+        time.sleep(0.1)
 
 
 def barrier() -> None:

@@ -96,7 +96,7 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
     if cfg.peft.load_in_4bit:
         return load_4bit(cfg, hf_cfg, auto, dtype)
     with torch.device(device):
-        if cfg.model.name_or_path in PRESETS:
+        if cfg.model.name_or_path in PRESETS or torch.device(device).type == "meta":  # meta: weights come later
             model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
         else:
             model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=dtype,

@@ -133,10 +133,6 @@ def train(cfg: Config) -> dict[str, Any]:
             export_final(trainer.engine, trainer.tokenizer, trainer.run_dir / "final")
         summary["run_dir"] = str(trainer.run_dir)
         trainer.metrics.close(summary)
-        # Every rank waits (GIL released) until all collectives are retired: a rank that tore the process group
-        # down right after its last all_reduce could deadlock in ~ProcessGroupGloo against gloo's worker thread
-        # (it holds the group's lock and wants the GIL to free the finished work's tensors) and never exit.
-        trainer.engine.barrier()
         return summary
     finally:
         cluster.destroy_distributed()

@@ -119,3 +119,17 @@ def test_sharded_engines_hold_half_the_model_state_per_rank(engine_run, referenc
         # parameters replicated; Adam m, v and DeepSpeed's fp32 master partition split across the 2 ranks
         assert summary["param_bytes"] == ddp["param_bytes"]
         assert summary["optim_bytes"] == pytest.approx(1.5 * ddp["optim_bytes"] / 2, rel=0.02)
+
+
+def test_fsdp_starts_from_a_local_pretrained_directory(runs_root):
+    """Ranks > 0 build the architecture on meta and receive rank 0's loaded weights."""
+    source = runs_root / "pretrained"
+    dist_tune("train", *common(runs_root, "pretrained"), "--train.max_steps=3", "--checkpoint.save_steps=null")
+    args = [*TINY, f"--model.name_or_path={source / 'final'}", "--train.max_steps=2", "--log.log_steps=1",
+            "--train.micro_batch_size=8", f"--train.output_dir={runs_root}"]
+    dist_tune("train", *args, "--train.run_name=from-dir-single")
+    dist_tune("train", *args, "--train.micro_batch_size=4", "--engine.kind=fsdp", "--train.run_name=from-dir-fsdp",
+              nproc=2)
+    single, fsdp = read_metrics(runs_root / "from-dir-single"), read_metrics(runs_root / "from-dir-fsdp")
+    assert fsdp[1] == pytest.approx(single[1], rel=1e-5)
+    assert single[1] < 7.0  # the trained weights were loaded, not a fresh init (≈ ln(1606) = 7.38)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -252,7 +253,7 @@ def test_tokenizer_without_pad_token_is_handled(cli, tmp_path, model_without_pad
     assert ERROR not in err and "Traceback" not in err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0
-    assert summary["final_train_loss"] == pytest.approx(summary["final_train_loss"])  # finite (not NaN)
+    assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_eval_loss"])
     run_dir = tmp_path / "runs" / "nopad"
     assert (run_dir / "final" / "config.json").is_file()
 
