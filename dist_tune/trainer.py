@@ -70,6 +70,7 @@ class Trainer:
     preemption: Any = None
     mfu: Callable[[float, float], float | None] = lambda tokens_per_s, seq_len: None
     state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    last_saved_step: int | None = None
 
     def __post_init__(self) -> None:
         env = self.engine.env
@@ -196,8 +197,11 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.state.step,
                  self.state.epoch, self.state.batches_in_epoch)
 
-    def save(self) -> Path:
-        return ckpt.save_checkpoint(self.engine, self.state, self.run_dir, self.cfg.checkpoint.save_total_limit)
+    def save(self) -> None:
+        """Checkpoint this step once (a periodic and a preemption save can fall on the same step)."""
+        if self.last_saved_step != self.state.step:
+            ckpt.save_checkpoint(self.engine, self.state, self.run_dir, self.cfg.checkpoint.save_total_limit)
+            self.last_saved_step = self.state.step
 
     def _should(self, every: int | None) -> bool:
         return bool(every) and self.state.step % every == 0
