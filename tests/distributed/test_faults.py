@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import TINY, dist_tune, read_metrics
+from helpers import TINY, dist_tune, read_metrics
 
 STEPS, SAVE = 10, 3
 RTOL = 1e-6

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY, dist_tune, read_metrics
+from helpers import TINY, dist_tune, read_metrics
 from dist_tune.config import load_config
 from dist_tune.models import load_model, load_tokenizer
 

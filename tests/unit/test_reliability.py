@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY
+from helpers import TINY
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, metrics
 from dist_tune import trainer as trainer_mod
