@@ -50,6 +50,10 @@ def rank0_first(engine: Engine, fn):
     return fn()
 
 
+def flops_formula(cfg: Config) -> str:
+    return metrics.FLOPS_FORMULA_FULL if cfg.peft.method == "full" else metrics.FLOPS_FORMULA_PEFT
+
+
 def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
     hf = getattr(model, "config", None)
     total, trainable = count_parameters(model)
@@ -98,8 +102,7 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv) -> Trainer:
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
     train_set, val_set = rank0_first(engine, lambda: build_datasets(cfg, tokenizer))
-    init_device = engine.init_device() if hasattr(engine, "init_device") else torch.device("cpu")
-    model = build_model(cfg, tokenizer, init_device)
+    model = build_model(cfg, tokenizer, engine.init_device())
     trainer = Trainer(cfg, engine, train_set, val_set, tokenizer, run_dir, metrics=None)
     trainer.state.model_name = cfg.model.name_or_path
     engine.prepare(model, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, trainer.total_steps))
@@ -107,8 +110,8 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv) -> Trainer:
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    log.info("run dir %s; engine %s on %s; %s; %d steps", run_dir, engine.name, engine.device,
-             describe_batch(cfg, env), trainer.total_steps)
+    log.info("run dir %s; engine %s on %s; %s; %d steps; MFU formula %s", run_dir, engine.name, engine.device,
+             describe_batch(cfg, env), trainer.total_steps, flops_formula(cfg))
     return trainer
 
 
@@ -125,14 +128,14 @@ def train(cfg: Config) -> dict[str, Any]:
                                                 total_steps=trainer.total_steps, start_step=trainer.state.step)
         summary = trainer.train()
         summary.update(trainer.engine.local_state_bytes())
-        summary["flops_formula"] = metrics.FLOPS_FORMULA_FULL if cfg.peft.method == "full" else metrics.FLOPS_FORMULA_PEFT
-        if summary["stopped"] == "preempted":
-            if env.rank == 0:
-                trainer.preemption.requeue()
-        elif cfg.checkpoint.save_final:
+        summary["flops_formula"] = flops_formula(cfg)
+        preempted = summary["stopped"] == "preempted"
+        if cfg.checkpoint.save_final and not preempted:
             export_final(trainer.engine, trainer.tokenizer, trainer.run_dir / "final")
         summary["run_dir"] = str(trainer.run_dir)
         trainer.metrics.close(summary)
+        if preempted and env.rank == 0:
+            trainer.preemption.requeue()  # last: Slurm ends the job as soon as it is requeued
         return summary
     finally:
         cluster.destroy_distributed()

@@ -56,6 +56,10 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.engine.mixed_precision == "fp16" else None
 
     # --- lifecycle -------------------------------------------------------
+    def init_device(self) -> torch.device:
+        """Where the model is built before prepare()."""
+        return torch.device("cpu")
+
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
         raise NotImplementedError
