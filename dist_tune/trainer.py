@@ -175,16 +175,15 @@ class Trainer:
         n_batches = int(engine.all_reduce_max(torch.tensor(min(len(loader), limit), device=engine.device)))
         engine.model.eval()
         tally = EvalTally(self.cfg, engine.device)
-        it = iter(loader)
-        first = None
+        batches, filler = iter(loader), None
         for _ in range(n_batches):
-            batch = next(it, None)
-            real = batch is not None
-            batch = self._to_device(batch if real else first)
-            first = first or batch
-            output = engine.forward(model_inputs(batch))
-            if real:
-                tally.add(output, batch, self.causal)
+            batch = next(batches, None)
+            if batch is None:  # this rank ran out: a filler forward keeps sharded engines' collectives in step
+                engine.forward(model_inputs(filler))
+                continue
+            batch = self._to_device(batch)
+            filler = filler if filler is not None else batch
+            tally.add(engine.forward(model_inputs(batch)), batch, self.causal)
         engine.model.train()
         return tally.result(engine)
 
