@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_model, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"ddp": ("ddp", 2), "fsdp": ("fsdp", 2), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2),
            "zero3": ("deepspeed", 3)}
@@ -212,16 +214,6 @@ def first_error(stderr: str) -> str | None:
     return (root or found or [None])[0]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def versions() -> dict:
     import deepspeed
     import peft
@@ -230,14 +222,7 @@ def versions() -> dict:
 
     import dist_tune
 
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = f"{head}{' (uncommitted changes)' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = git_commit()
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "deepspeed": deepspeed.__version__, "peft": peft.__version__,
             "dist_tune": f"{dist_tune.__version__} @ {commit}"}

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_model, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("hf", "dt", "dt_pack")
 LABELS = {"hf": "HF transformers.Trainer (pad to longest)", "dt": "dist_tune (pad to longest)",
@@ -254,27 +256,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' (uncommitted changes)' if dirty else ''}" if head else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def versions() -> dict:
     import accelerate
     import datasets
@@ -360,7 +341,7 @@ def markdown(report: dict) -> str:
             "",
             f"- device: {d['cpu']}, {d['usable_cores']} usable cores ({d['logical_cores']} logical), "
             f"torch threads {d['torch_threads']} in every worker; {d['platform']}",
-            f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
             f"- settings: preset {s['preset']} (fp32, sdpa, seed {SEED}), bundled:instructions, alpaca template, "
             f"prompt tokens masked, max_length {s['max_length']}, micro-batch {s['micro_batch']} rows, "
             f"1 process, AdamW lr {LR} wd {WEIGHT_DECAY} (HF optimizer: {s['hf_optim']}), cosine, clip "
