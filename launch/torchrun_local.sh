@@ -17,17 +17,7 @@
 # Prints the exact command, then execs it (signals go straight to torchrun).
 set -euo pipefail
 
-gpu_count() {
-    if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == "-1" ]]; then echo 0; return; fi
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"; return
-    fi
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-        return
-    fi
-    echo 0
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 NPROC=""
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then

@@ -22,17 +22,7 @@
 set -euo pipefail
 
 die() { echo "torchrun_multinode.sh: $*" >&2; exit 2; }
-gpu_count() {
-    if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == "-1" ]]; then echo 0; return; fi
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"; return
-    fi
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-        return
-    fi
-    echo 0
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 [[ -n "${NNODES:-}" ]] || die "set NNODES (e.g. NNODES=2, or NNODES=1:4 for elastic)"
 [[ -n "${RDZV_HOST:-}" ]] || die "set RDZV_HOST to the address of the node that hosts the rendezvous"
