@@ -315,8 +315,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     cfg = Config()
     if path is not None:
         _merge(cfg, read_yaml(path))
-    if overrides:
-        _merge(cfg, _nest(overrides))
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Merge dotted overrides (`{"optim.lr": 1e-4}`) into cfg and validate the result."""
+    _merge(cfg, _nest(overrides))
     return validate(cfg)
 
 

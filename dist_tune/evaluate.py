@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from dist_tune import cluster
-from dist_tune.config import _merge, _nest, validate
+from dist_tune.config import apply_overrides
 from dist_tune.data import build_datasets, prompt_for
 from dist_tune.engines.single import SingleEngine
 from dist_tune.errors import UserError
@@ -17,8 +17,7 @@ from dist_tune.trainer import Trainer
 def evaluate_run(run_dir: Path, overrides: dict) -> dict[str, float]:
     """Validation metrics of the run's final model (data overrides allowed, e.g. another validation file)."""
     cfg, model, tokenizer = load_trained(run_dir)
-    _merge(cfg, _nest(overrides))
-    validate(cfg)
+    apply_overrides(cfg, overrides)
     engine = SingleEngine(cfg, cluster.detect())
     engine.model = model.to(engine.device)
     train_set, val_set = build_datasets(cfg, tokenizer)
