@@ -1,31 +1,45 @@
 """Training throughput of dist_tune vs HF `transformers.Trainer` on the same model, data, batches and machine.
 
-    python benchmarks/throughput_vs_hf.py                       # hf, dt, dt_pack; 3 warmup + 30 timed steps
-    python benchmarks/throughput_vs_hf.py --repeats 3           # 3 rounds in the order hf, dt, dt_pack, ...
+    python benchmarks/throughput_vs_hf.py                  # hf, hf_flat, dt, dt_flat; 3 warmup + 30 timed steps
+    python benchmarks/throughput_vs_hf.py --repeats 3      # 3 rounds in the order hf, hf_flat, dt, dt_flat, ...
     python benchmarks/throughput_vs_hf.py --which hf,dt --steps 5 --json-out /tmp/t.json --results-md /tmp/R.md
+    python benchmarks/throughput_vs_hf.py --data bundled --precision bf16   # short bundled rows, bf16 autocast
 
 Systems, each run as its own subprocess (`--worker SYSTEM`), one after another in the order of `--which`:
 
   hf       transformers.Trainer. Model: `dist_tune.models.load_model` (the dist_tune preset, shipped tokenizer,
            same seed → bit-identical init). Data: the rows of `dist_tune.data.build_datasets(cfg, tokenizer)`
-           (unpacked), collated with `DataCollatorForSeq2Seq` (pad to longest, labels -100, right padding).
-           Sampler: dist_tune's `ResumableSampler` with the same seed, so both systems see the SAME micro-batches
-           in the same order (checked: the per-step token counts are compared). AdamW: by default the same
-           torch AdamW(foreach=True) dist_tune builds (`--hf-optim same`); `--hf-optim default` keeps HF's own
-           default (adamw_torch_fused). fp32, no eval/save/logging/report_to.
+           (unpacked, the same data.path file), collated with `DataCollatorForSeq2Seq` (pad to longest, labels
+           -100, right padding). Sampler: dist_tune's `ResumableSampler` with the same seed, so hf, hf_flat, dt
+           and dt_flat see the SAME micro-batches in the same order (checked: per-step token counts compared).
+           AdamW: by default the same torch AdamW(foreach=True) dist_tune builds (`--hf-optim same`);
+           `--hf-optim default` keeps HF's own default (adamw_torch_fused). No eval/save/logging/report_to.
+  hf_flat  the same with HF's padding-free `DataCollatorWithFlattening`: each micro-batch concatenated into one
+           row with position ids restarting per example (no attention_mask; attention stays within an example).
   dt       dist_tune's real code path in-process: `dist_tune.run.train(cfg)` (what `dist-tune train` runs: engine
            single, padding to the longest row of each micro-batch), with Trainer.train_step wrapped for timing.
+  dt_all_logits  dt with `train.target_logits_only=false`: logits and softmax at every position, as HF computes
+           them (the effect of target-only logits alone).
   dt_pack  the same with `data.pack=true`: whole examples packed greedily into rows of at most max_length tokens,
            position ids restart per example (padding-free; attention stays within an example). A packed
            micro-batch of 8 rows holds several times more examples, so compare tokens/s, not steps/s.
+  dt_flat  dist_tune with `data.padding_free=true` (and `train.target_logits_only=true`): the same micro-batches
+           as dt, concatenated without padding (dist_tune's counterpart of hf_flat).
+
+Data (`--data`): `mixed` (default) is benchmarks/mixed_data.py's deterministic 3000-row instruction file with
+long-tailed lengths (bundled instructions plus a log-normal-length corpus context; ≈ 130–1024 tokens, median
+≈ 250), written to a temp dir and read by every worker through data.path; max_length 1024. `bundled` is
+bundled:instructions (short rows, ≈ 80–135 tokens); max_length 256. Both use the alpaca template with prompt
+tokens masked. `--precision fp32|bf16` applies to every system: fp32 weights, with bf16 CPU autocast for bf16
+(HF: TrainingArguments(bf16=True); dist_tune: engine.mixed_precision=bf16).
 
 Timing (identical for all systems): wall clock from the end of optimizer step `--warmup` to the end of step
 `--warmup + --steps` (HF: TrainerCallback.on_step_end; dist_tune: the return of Trainer.train_step). It covers
 everything a steady-state step does (data loading, collation, forward, loss, backward, clipping, AdamW,
 scheduler, the trainer's bookkeeping) and excludes process start, imports, tokenization, model build and the
-warmup steps. Tokens = attention_mask==1 tokens of the micro-batches processed in the timed steps (padding is
-not counted). Threads: torch.set_num_threads(--threads) in every worker, OMP_NUM_THREADS/MKL_NUM_THREADS set to
-the same value for all workers.
+warmup steps. Tokens = non-padding tokens of the micro-batches processed in the timed steps (attention_mask==1,
+or every token of a batch without attention_mask; padding is not counted). Threads: torch.set_num_threads(--threads)
+in every worker, OMP_NUM_THREADS/MKL_NUM_THREADS set to the same value for all workers.
 
 Writes the JSON to --json-out (default benchmarks/results/throughput_cpu.json), appends a section to
 --results-md (default benchmarks/RESULTS.md), and prints a markdown table and the JSON to stdout.
@@ -45,9 +59,22 @@ from pathlib import Path
 from common import cpu_model, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hf", "dt", "dt_pack")
-LABELS = {"hf": "HF transformers.Trainer (pad to longest)", "dt": "dist_tune (pad to longest)",
+SYSTEMS = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_pack")
+LABELS = {"hf": "HF transformers.Trainer (pad to longest)",
+          "hf_flat": "HF Trainer + DataCollatorWithFlattening (padding-free)",
+          "dt_all_logits": "dist_tune (pad to longest, train.target_logits_only=false)",
+          "dt": "dist_tune (pad to longest)", "dt_flat": "dist_tune data.padding_free=true",
           "dt_pack": "dist_tune data.pack=true (packed rows)"}
+DT_OVERRIDES = {"dt": {}, "dt_all_logits": {"train.target_logits_only": False}, "dt_pack": {"data.pack": True},
+                "dt_flat": {"data.padding_free": True, "train.target_logits_only": True}}
+SAME_BATCHES = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat")  # systems fed the same examples per step
+DEFAULT_MAX_LENGTH = {"mixed": 1024, "bundled": 256}
+BUNDLED = "bundled:instructions"
+MIXED_SEED = 0
+DATA_DESC = {"mixed": f"mixed: benchmarks/mixed_data.py (seed {MIXED_SEED}), the 3000 bundled instructions in a "
+                      "seeded order, each with an `input` context cut from bundled:text to LogNormal(median 120 "
+                      "tokens, sigma 0.9) tokens, examples capped at 1024 tokens",
+             "bundled": f"bundled: {BUNDLED}"}
 LR, WEIGHT_DECAY, BETAS, EPS, MAX_GRAD_NORM, SEED = 3e-4, 0.01, (0.9, 0.999), 1e-8, 1.0, 42
 
 
@@ -60,9 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before timing starts")
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, help="data.max_length (default 1024 for --data mixed, 256 for bundled)")
+    p.add_argument("--data", choices=("mixed", "bundled"), default="mixed",
+                   help="mixed: generated long-tailed instruction file (benchmarks/mixed_data.py); "
+                        "bundled: bundled:instructions")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="every system: fp32, or fp32 weights with bf16 CPU autocast")
     p.add_argument("--preset", default="small-llama", help="dist_tune model preset (dist_tune.models.PRESETS)")
-    p.add_argument("--which", default="hf,dt,dt_pack", help="comma list of hf, dt, dt_pack (run in this order)")
+    p.add_argument("--which", default="hf,hf_flat,dt,dt_flat",
+                   help=f"comma list of {', '.join(SYSTEMS)} (run in this order)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of --which (use an odd number); each system's median round is reported")
     p.add_argument("--threads", type=int, default=default_threads(), help="torch threads in every worker")
@@ -74,7 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
+    p.add_argument("--data-path", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.max_length is None:
+        args.max_length = DEFAULT_MAX_LENGTH[args.data]
     args.systems = [s.strip() for s in args.which.split(",") if s.strip()]
     unknown = [s for s in args.systems if s not in SYSTEMS]
     if unknown or not args.systems:
@@ -85,15 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------- workers
-def dt_config(args: argparse.Namespace, pack: bool, output_dir: str):
+def dt_config(args: argparse.Namespace, overrides: dict, output_dir: str):
     from dist_tune.config import load_config
 
     return load_config(None, {
         "model.name_or_path": args.preset, "model.dtype": "float32", "model.attn_implementation": "sdpa",
-        "data.path": "bundled:instructions", "data.format": "instruction", "data.prompt_template": "alpaca",
-        "data.max_length": args.max_length, "data.pack": pack, "data.validation_split": 0.0,
-        "data.num_workers": 0, "data.pin_memory": False,
-        "engine.kind": "single", "engine.mixed_precision": "fp32",
+        "data.path": args.data_path, "data.format": "instruction", "data.prompt_template": "alpaca",
+        "data.max_length": args.max_length, "data.validation_split": 0.0,
+        "data.num_workers": 0, "data.pin_memory": False, "data.cache_dir": dataset_cache(args.data_path),
+        "engine.kind": "single", "engine.mixed_precision": args.precision,
         "optim.name": "adamw", "optim.lr": LR, "optim.weight_decay": WEIGHT_DECAY, "optim.betas": list(BETAS),
         "optim.eps": EPS, "optim.scheduler": "cosine", "optim.warmup_steps": 0, "optim.max_grad_norm": MAX_GRAD_NORM,
         "train.seed": SEED, "train.micro_batch_size": args.micro_batch, "train.grad_accum": 1,
@@ -101,7 +137,14 @@ def dt_config(args: argparse.Namespace, pack: bool, output_dir: str):
         "train.output_dir": output_dir, "train.run_name": "bench", "train.resume": "none",
         "log.log_steps": 10 ** 9, "log.progress": False, "log.jsonl": True, "log.plot": False,
         "log.wandb.mode": "disabled", "checkpoint.save_steps": None, "checkpoint.save_final": False,
+        **overrides,
     })
+
+
+def dataset_cache(data_path: str) -> str | None:
+    """Tokenized-data cache of a generated file: next to it in the driver's temp dir (dropped with it); the
+    default cache for bundled data."""
+    return None if data_path.startswith("bundled:") else str(Path(data_path).with_suffix(".cache"))
 
 
 class StepClock:
@@ -132,20 +175,25 @@ class StepClock:
 
 
 def batch_stats(batch: dict) -> tuple[int, int, int]:
-    """(non-padding tokens, padded tokens, examples) of one collated micro-batch."""
-    mask = batch["attention_mask"]
-    examples = int((batch["position_ids"] == 0).logical_and(mask.bool()).sum()) if "position_ids" in batch \
-        else int(mask.shape[0])
-    return int(mask.sum()), int(mask.numel()), examples
+    """(non-padding tokens, padded tokens, examples) of one collated micro-batch. Without an attention_mask
+    (flattened batches) every token is real; with position_ids, examples are the positions 0 on real tokens."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else ids.numel()
+    if "position_ids" not in batch:
+        return tokens, ids.numel(), ids.shape[0]
+    starts = batch["position_ids"] == 0
+    if mask is not None:
+        starts &= mask.bool()
+    return tokens, ids.numel(), int(starts.sum())
 
 
-def run_dt(args: argparse.Namespace, pack: bool, workdir: str) -> dict:
+def run_dt(args: argparse.Namespace, workdir: str) -> dict:
     """dist_tune's own entry point, `dist_tune.run.train(cfg)` (what `dist-tune train` runs), with
     Trainer.train_step wrapped to timestamp the end of every optimizer step."""
     from dist_tune import run
     from dist_tune.trainer import Trainer
 
-    cfg = dt_config(args, pack, workdir)
+    cfg = dt_config(args, DT_OVERRIDES[args.worker], workdir)
     clock = StepClock()
     seen: dict = {}
     real_step = Trainer.train_step
@@ -176,14 +224,22 @@ def run_dt(args: argparse.Namespace, pack: bool, workdir: str) -> dict:
     return out
 
 
+def hf_collator(tokenizer, flat: bool):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if flat:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+
+
 def run_hf(args: argparse.Namespace, workdir: str) -> dict:
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from dist_tune.data import ResumableSampler, build_datasets
     from dist_tune.models import load_model, load_tokenizer
 
-    cfg = dt_config(args, False, workdir)
+    cfg = dt_config(args, {}, workdir)
     tokenizer = load_tokenizer(cfg)
     tokenizer.padding_side = "right"  # dist_tune pads right
     train_set, _ = build_datasets(cfg, tokenizer)
@@ -223,15 +279,14 @@ def run_hf(args: argparse.Namespace, workdir: str) -> dict:
         output_dir=workdir, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
         max_steps=args.warmup + args.steps, learning_rate=LR, weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0],
         adam_beta2=BETAS[1], adam_epsilon=EPS, lr_scheduler_type="cosine", warmup_steps=0,
-        max_grad_norm=MAX_GRAD_NORM, seed=SEED, use_cpu=True, bf16=False, fp16=False,
+        max_grad_norm=MAX_GRAD_NORM, seed=SEED, use_cpu=True, bf16=args.precision == "bf16", fp16=False,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, dataloader_drop_last=True,
         remove_unused_columns=False)
     optim = (torch.optim.AdamW, {"lr": LR, "betas": BETAS, "eps": EPS, "foreach": True}) \
         if args.hf_optim == "same" else None
     trainer = BenchTrainer(model=model, args=targs, train_dataset=train_set, processing_class=tokenizer,
-                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100,
-                                                                return_tensors="pt"),
+                           data_collator=hf_collator(tokenizer, args.worker == "hf_flat"),
                            callbacks=[Clock()], optimizer_cls_and_kwargs=optim)
     trainer.train()
     out = clock.result(args.warmup, args.steps)
@@ -247,10 +302,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.worker}-") as workdir:
-        if args.worker == "hf":
-            out = run_hf(args, workdir)
-        else:
-            out = run_dt(args, args.worker == "dt_pack", workdir)
+        out = run_hf(args, workdir) if args.worker.startswith("hf") else run_dt(args, workdir)
     out.update(system=args.worker, torch_threads=torch.get_num_threads())
     Path(args.result_file).write_text(json.dumps(out))
 
@@ -282,16 +334,17 @@ def worker_env(threads: int) -> dict:
     return env
 
 
-def run_worker(args: argparse.Namespace, system: str) -> dict:
+def run_worker(args: argparse.Namespace, system: str, data_path: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-result-") as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result-file", str(result_file),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch),
                "--max-length", str(args.max_length), "--preset", args.preset, "--threads", str(args.threads),
-               "--hf-optim", args.hf_optim]
+               "--hf-optim", args.hf_optim, "--data", args.data, "--data-path", data_path,
+               "--precision", args.precision]
         load_before = os.getloadavg()
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(args.threads), capture_output=True, text=True,
+        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=worker_env(args.threads), capture_output=True, text=True,
                               timeout=args.timeout)
         wall = time.perf_counter() - start
         if proc.returncode != 0 or not result_file.exists():
@@ -301,6 +354,29 @@ def run_worker(args: argparse.Namespace, system: str) -> dict:
     print(f"  {system:8s} {out['tokens_per_s']:10.1f} tokens/s  ({out['timed_tokens']} tokens in "
           f"{out['timed_seconds']:.2f} s; process {wall:.1f} s; load {load_before[0]:.2f})", file=sys.stderr)
     return out
+
+
+def prepare_data(args: argparse.Namespace, tmp: str) -> tuple[str, dict]:
+    """The data.path every worker reads (--data mixed: generated into tmp) and its length statistics."""
+    from mixed_data import length_stats, write_mixed_instructions
+
+    path = BUNDLED
+    if args.data == "mixed":
+        path = str(Path(tmp) / "mixed_instructions.jsonl")
+        write_mixed_instructions(path, seed=MIXED_SEED)
+    stats = length_stats(path, args.max_length)
+    print(f"data {args.data}: tokens per example min {stats['min']}, median {stats['median']:.0f}, mean "
+          f"{stats['mean']:.1f}, p90 {stats['p90']:.0f}, max {stats['max']} ({stats['rows']} rows)", file=sys.stderr)
+    return path, stats
+
+
+def run_rounds(args: argparse.Namespace, data_path: str) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {s: [] for s in args.systems}
+    for round_ in range(args.repeats):
+        print(f"round {round_ + 1}/{args.repeats}", file=sys.stderr)
+        for system in args.systems:
+            runs[system].append(run_worker(args, system, data_path))
+    return runs
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -318,44 +394,70 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def same_batches(results: dict) -> bool | None:
-    if "hf" not in results or "dt" not in results:
-        return None
-    return results["hf"]["runs"][0]["tokens_per_step"] == results["dt"]["runs"][0]["tokens_per_step"]
+    """Whether the systems of SAME_BATCHES that ran saw the same non-padding tokens per step (None if < 2 ran)."""
+    steps = [results[s]["runs"][0]["tokens_per_step"] for s in SAME_BATCHES if s in results]
+    return all(x == steps[0] for x in steps) if len(steps) > 1 else None
 
 
-def markdown(report: dict) -> str:
-    s, res = report["settings"], report["results"]
+def table_rows(res: dict) -> list[str]:
     base = res.get("hf", {}).get("tokens_per_s_median")
-    lines = ["| system | non-pad tokens/s (median) | runs | vs HF | examples/s | steps/s | step s median (max) | "
-             "padding | tokens / timed steps | loss step 1 → last |",
+    lines = [("| system | non-pad tokens/s (median) | runs | vs HF | examples/s | steps/s | step s median (max) | "
+              "padding | tokens / timed steps | loss step 1 → last |"),
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in res.items():
         ratio = f"{r['tokens_per_s_median'] / base:.2f}×" if base else "n/a"
         runs = ", ".join(f"{v:.0f}" for v in r["tokens_per_s_runs"])
-        lines.append(f"| {LABELS[name]} | {r['tokens_per_s_median']:.1f} | {runs} | {ratio} | {r['examples_per_s']:.2f} | "
-                     f"{r['steps_per_s']:.3f} | {r['step_s_median']:.3f} ({r['step_s_max']:.3f}) | "
-                     f"{100 * r['padding_fraction']:.1f}% | {r['timed_tokens']} / "
+        lines.append(f"| {LABELS[name]} | {r['tokens_per_s_median']:.1f} | {runs} | {ratio} | "
+                     f"{r['examples_per_s']:.2f} | {r['steps_per_s']:.3f} | {r['step_s_median']:.3f} "
+                     f"({r['step_s_max']:.3f}) | {100 * r['padding_fraction']:.1f}% | {r['timed_tokens']} / "
                      f"{r['timed_steps']} | {r['loss_first']:.4f} → {r['loss_last']:.4f} |")
-    d, v = report["device"], report["versions"]
+    return lines
+
+
+def data_line(s: dict) -> str:
+    ls = s["data_lengths"]
+    return (f"- data: {s['data_desc']}; alpaca template, prompt tokens masked, max_length {s['max_length']}; "
+            f"tokens per example (bos + prompt + output + eos, after truncation): min {ls['min']}, median "
+            f"{ls['median']:.0f}, mean {ls['mean']:.1f}, p90 {ls['p90']:.0f}, max {ls['max']} ({ls['rows']} rows)")
+
+
+def notes(report: dict) -> list[str]:
+    """The unit and the identical-batches check, as they apply to the systems that ran."""
+    s, res, same = report["settings"], report["results"], report["identical_batches"]
+    unit = (f"- unit: non-padding tokens (attention_mask==1; every token of a flattened row) per second over the "
+            f"timed steps, wall clock from the end of step {s['warmup']} to the end of step "
+            f"{s['warmup'] + s['steps']} (startup, tokenization and model build excluded).")
+    if "dt_pack" in res:
+        unit += " dt_pack rows hold several examples each, so its steps/s is not comparable; tokens/s is."
+    lines = [unit]
+    if same is not None:
+        lines.append(f"- {', '.join(n for n in SAME_BATCHES if n in res)} saw identical micro-batches: {same}"
+                     f"{' (same sampler permutation; per-step token counts equal)' if same else ''}")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    s, d, v = report["settings"], report["device"], report["versions"]
+    compute = "bf16 CPU autocast" if s["precision"] == "bf16" else "fp32 compute"
     head = [f"### Throughput vs HF Trainer, {report['date']}",
             "",
-            f"- device: {d['cpu']}, {d['usable_cores']} usable cores ({d['logical_cores']} logical), "
-            f"torch threads {d['torch_threads']} in every worker; {d['platform']}",
+            (f"- device: {d['cpu']}, {d['usable_cores']} usable cores ({d['logical_cores']} logical), "
+             f"torch threads {d['torch_threads']} in every worker; {d['platform']}"),
             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-            f"- settings: preset {s['preset']} (fp32, sdpa, seed {SEED}), bundled:instructions, alpaca template, "
-            f"prompt tokens masked, max_length {s['max_length']}, micro-batch {s['micro_batch']} rows, "
-            f"1 process, AdamW lr {LR} wd {WEIGHT_DECAY} (HF optimizer: {s['hf_optim']}), cosine, clip "
-            f"{MAX_GRAD_NORM}; {s['warmup']} warmup steps untimed, {s['steps']} timed steps; "
-            f"{s['repeats']} round(s) in the order {', '.join(s['which'])}",
-            f"- unit: non-padding (attention_mask==1) tokens per second over the timed steps, wall clock from the "
-            f"end of step {s['warmup']} to the end of step {s['warmup'] + s['steps']} (startup, tokenization and "
-            f"model build excluded). dt_pack rows hold several examples each, so its steps/s is not comparable; "
-            f"tokens/s is.",
-            f"- hf and dt saw identical micro-batches: {report['identical_batches']}"
-            f"{' (same sampler permutation; per-step token counts equal)' if report['identical_batches'] else ''}",
+            data_line(s),
+            f"- precision: {s['precision']} for every system (fp32 weights, {compute})",
+            "- systems: " + ", ".join(f"{name} = {LABELS[name]}" for name in s["which"]),
+            (f"- settings: preset {s['preset']} (sdpa, seed {SEED}), micro-batch {s['micro_batch']} examples, "
+             f"1 process, AdamW lr {LR} wd {WEIGHT_DECAY} (HF optimizer: {s['hf_optim']}), cosine, clip "
+             f"{MAX_GRAD_NORM}; {s['warmup']} warmup steps untimed, {s['steps']} timed steps; "
+             f"{s['repeats']} round(s) in the order {', '.join(s['which'])}"),
+            *notes(report),
             f"- 1-minute load average before the first worker: {report['loadavg_1m_start']:.2f}",
             ""]
-    return "\n".join(head + lines) + "\n"
+    ratio = report.get("ratio_dt_flat_vs_hf_flat")
+    tail = [] if ratio is None else [
+        "", f"dt_flat vs hf_flat (both padding-free, same micro-batches): {ratio:.2f}× the non-padding tokens/s."]
+    return "\n".join(head + table_rows(report["results"]) + tail) + "\n"
 
 
 def append_results_md(path: Path, section: str) -> None:
@@ -375,25 +477,28 @@ def main(argv: list[str] | None = None) -> None:
         print(f"WARNING: 1-minute load average is {load_start:.2f} on {default_threads()} cores: other processes "
               "compete for the CPU and torch's OpenMP threads slow down erratically; the numbers will not be "
               "representative (the load is recorded in the results)", file=sys.stderr)
-    runs: dict[str, list[dict]] = {s: [] for s in args.systems}
-    for round_ in range(args.repeats):
-        print(f"round {round_ + 1}/{args.repeats}", file=sys.stderr)
-        for system in args.systems:
-            runs[system].append(run_worker(args, system))
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        data_path, lengths = prepare_data(args, tmp)
+        runs = run_rounds(args, data_path)
     results = {s: summarise(r) for s, r in runs.items()}
+    tps = {s: r["tokens_per_s_median"] for s, r in results.items()}
     report = {
         "benchmark": "throughput_vs_hf", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": device_info(args.threads), "versions": versions(),
         "settings": {"preset": args.preset, "max_length": args.max_length, "micro_batch": args.micro_batch,
                      "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "which": args.systems,
-                     "threads": args.threads, "hf_optim": args.hf_optim, "dtype": "fp32", "processes": 1,
-                     "data": "bundled:instructions", "template": "alpaca", "seed": SEED},
-        "unit": "non-padding tokens per second (attention_mask==1) over the timed steps",
+                     "threads": args.threads, "hf_optim": args.hf_optim, "dtype": "fp32",
+                     "precision": args.precision, "processes": 1, "data": args.data,
+                     "data_desc": DATA_DESC[args.data], "data_lengths": lengths, "template": "alpaca",
+                     "seed": SEED},
+        "unit": "non-padding tokens per second (attention_mask==1, or every token of a flattened row) over the "
+                "timed steps",
         "loadavg_1m_start": load_start, "identical_batches": same_batches(results),
         "results": results,
-        "ratio_vs_hf": {s: r["tokens_per_s_median"] / results["hf"]["tokens_per_s_median"]
-                        for s, r in results.items() if "hf" in results and s != "hf"},
+        "ratio_vs_hf": {s: v / tps["hf"] for s, v in tps.items() if "hf" in tps and s != "hf"},
     }
+    if "dt_flat" in tps and "hf_flat" in tps:
+        report["ratio_dt_flat_vs_hf_flat"] = tps["dt_flat"] / tps["hf_flat"]
     table = markdown(report)
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ class DataConfig:
     validation_split: float = 0.1
     max_length: int = 256
     pack: bool = False
+    padding_free: bool = False
     text_field: str = "text"
     instruction_field: str = "instruction"
     input_field: str = "input"
@@ -109,6 +110,7 @@ class TrainConfig:
     device: str = "auto"
     resume: str = "auto"
     ce_chunk_tokens: int = 0
+    target_logits_only: bool = True
     nan_policy: str = "skip"
     max_bad_steps: int = 5
 
@@ -301,6 +303,11 @@ def validate(cfg: Config) -> Config:
          "engine.cpu_offload is an FSDP option; set engine.kind=fsdp or use offload_optimizer with deepspeed"),
         (not (cfg.engine.offload_params and cfg.engine.zero_stage != 3),
          "engine.offload_params needs engine.zero_stage=3"),
+        (not (cfg.data.padding_free and cfg.model.task != "causal_lm"),
+         "data.padding_free concatenates causal-LM rows; set data.padding_free=false for classification"),
+        (not (flattened(cfg) and cfg.peft.method in ("prefix_tuning", "prompt_tuning")),
+         f"peft.method={cfg.peft.method} puts virtual tokens in front of the whole row, so examples sharing a row "
+         "cannot be kept apart; set data.pack=false and data.padding_free=false"),
         (not (cfg.peft.load_in_4bit and cfg.peft.method not in ("lora", "dora")),
          "peft.load_in_4bit (QLoRA) needs peft.method=lora or dora"),
     ]
@@ -308,6 +315,16 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     return cfg
+
+
+def flattened(cfg: Config) -> bool:
+    """Micro-batches are one padding-free row: data.padding_free, or packed rows (data.pack)."""
+    return cfg.model.task == "causal_lm" and (cfg.data.padding_free or cfg.data.pack)
+
+
+def uses_target_logits(cfg: Config) -> bool:
+    """Logits only where there is a target (prompt tuning prepends virtual tokens, which shifts positions)."""
+    return cfg.model.task == "causal_lm" and cfg.train.target_logits_only and cfg.peft.method != "prompt_tuning"
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -16,6 +16,11 @@ def shifted_labels(labels: torch.Tensor, position_ids: torch.Tensor | None) -> t
     return targets
 
 
+def target_positions(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """Sorted positions (1-D) whose next token is a target in at least one row: the only logits a loss needs."""
+    return torch.nonzero((shifted_labels(labels, position_ids) != IGNORE).any(0)).reshape(-1)
+
+
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
@@ -28,11 +33,17 @@ def chunked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> t
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token cross-entropies, number of target tokens), computed in fp32 (chunked when chunk > 0)."""
-    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
-    targets = shifted_labels(labels, position_ids).reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+                       chunk: int = 0, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of target tokens), computed in fp32 (chunked when chunk > 0).
+
+    positions: the model computed logits at these positions only (`logits_to_keep`, see target_positions)."""
+    targets = shifted_labels(labels, position_ids)
+    if positions is None:
+        logits = logits[:, -labels.shape[1]:][:, :-1]  # prompt tuning prepends virtual tokens
+    else:
+        targets = targets[:, positions]
+    targets = targets.reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
     loss = chunked_ce_sum(flat, targets, chunk) if chunk else _ce_sum(flat, targets)
     return loss, (targets != IGNORE).sum()
 

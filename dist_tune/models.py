@@ -1,6 +1,7 @@
 """Model and tokenizer loading: a local HF directory, or a named random-init preset with the shipped tokenizer."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dist_tune.config import Config
+from dist_tune import attention
+from dist_tune.config import Config, flattened, uses_target_logits
 from dist_tune.errors import UserError
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -87,6 +89,20 @@ def auto_class(task: str):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
+def attention_implementation(cfg: Config) -> str:
+    """model.attn_implementation, with sdpa swapped for its varlen form when micro-batches are padding-free rows."""
+    if cfg.model.attn_implementation == "sdpa" and flattened(cfg):
+        return attention.register()
+    return cfg.model.attn_implementation
+
+
+def check_logits_to_keep(cfg: Config, model: torch.nn.Module) -> None:
+    """train.target_logits_only passes `logits_to_keep` positions, which the model's forward must accept."""
+    if uses_target_logits(cfg) and "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise UserError(f"model '{cfg.model.name_or_path}' ({type(model).__name__}) has no logits_to_keep argument; "
+                        "set train.target_logits_only=false")
+
+
 def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the preset (seeded random init) or load local weights, in model.dtype, on `device`."""
     hf_cfg = model_config(cfg, tokenizer)
@@ -97,10 +113,11 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
         return load_4bit(cfg, hf_cfg, auto, dtype)
     with torch.device(device):
         if cfg.model.name_or_path in PRESETS or torch.device(device).type == "meta":  # meta: weights come later
-            model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+            model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
         else:
             model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=dtype,
-                                         attn_implementation=cfg.model.attn_implementation)
+                                         attn_implementation=attention_implementation(cfg))
+    check_logits_to_keep(cfg, model)
     return model
 
 
@@ -122,7 +139,8 @@ def load_4bit(cfg: Config, hf_cfg, auto, dtype: torch.dtype) -> torch.nn.Module:
         raise UserError("peft.load_in_4bit quantises pretrained weights; point model.name_or_path at a local model")
     model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=compute,
                                  quantization_config=quant, device_map={"": torch.cuda.current_device()},
-                                 attn_implementation=cfg.model.attn_implementation)
+                                 attn_implementation=attention_implementation(cfg))
+    check_logits_to_keep(cfg, model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.engine.activation_checkpointing)
 
 

@@ -22,11 +22,13 @@ from dist_tune.loss import IGNORE, causal_lm_loss_sum, classification_loss_sum, 
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep",
+                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inputs for the HF forward; packed rows pass position_ids and no mask, so attention stays per document."""
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Inputs for the HF forward; padding-free rows pass position_ids (and sequence boundaries) and no mask,
+    so attention stays per example."""
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if "position_ids" in inputs:
         inputs.pop("attention_mask", None)
@@ -40,10 +42,18 @@ def target_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
     return int((shifted_labels(batch["labels"], batch.get("position_ids")) != IGNORE).sum())
 
 
+def sequence_count(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in a micro-batch: rows, or in packed/padding-free rows the real tokens at position 0."""
+    if "position_ids" not in batch:
+        return int(batch["input_ids"].shape[0])
+    return int(((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum())
+
+
 def loss_sum(output: Any, batch: dict[str, torch.Tensor], causal: bool,
              chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if causal:
-        return causal_lm_loss_sum(output.logits, batch["labels"], batch.get("position_ids"), chunk)
+        return causal_lm_loss_sum(output.logits, batch["labels"], batch.get("position_ids"), chunk,
+                                  batch.get("logits_to_keep"))
     return classification_loss_sum(output.logits, batch["labels"])
 
 
@@ -104,14 +114,15 @@ class Trainer:
         return batches, it, time.perf_counter() - start
 
     # --- one step ------------------------------------------------------------
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.engine.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         engine, device = self.engine, self.engine.device
         counts = torch.tensor([sum(target_count(b, self.causal) for b in micro_batches),
                                sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                               sum(int(b["input_ids"].shape[0]) for b in micro_batches)], dtype=torch.float64)
+                               sum(sequence_count(b) for b in micro_batches)], dtype=torch.float64)
         global_targets, tokens, samples = engine.all_reduce_sum(counts.to(device)).tolist()
         start = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=device)

@@ -79,6 +79,18 @@ def test_loss_trajectory_matches_single_device_after_kill_and_resume(engine_run,
     assert got[STEPS] < got[1]
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
+def test_padding_free_rows_on_parallel_engines_match_padded_single_device(engine, runs_root, method, reference):
+    """Each rank's micro-batch is one concatenated row (varlen attention); losses equal padded single device."""
+    name = f"{engine}-{method}-padding-free"
+    dist_tune("train", *common(runs_root, name), *ENGINES[engine], *METHODS[method], "--data.padding_free=true",
+              "--checkpoint.save_steps=null", nproc=2)
+    expected, got = read_metrics(reference), read_metrics(runs_root / name)
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=RTOL), (step, got[step], expected[step])
+
+
 def test_final_export_reloads_with_the_in_training_eval_loss(engine_run):
     _, run_dir, summary = engine_run
     in_training = read_metrics(run_dir, "eval/loss")[STEPS]

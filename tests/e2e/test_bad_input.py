@@ -137,6 +137,12 @@ def test_conflicting_engine_options(cli, tmp_path):
                       "offload_optimizer", "engine.kind=deepspeed", "engine.cpu_offload")
 
 
+
+def test_padding_free_rows_with_prompt_tuning(cli, tmp_path):
+    assert_user_error(cli(*base(tmp_path, "--data.padding_free=true", "--peft.method=prompt_tuning")), tmp_path,
+                      "peft.method=prompt_tuning", "cannot be kept apart", "data.padding_free=false")
+
+
 # --- data --------------------------------------------------------------------------------------------------------
 
 def test_missing_dataset_file(cli, tmp_path):

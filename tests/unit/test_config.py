@@ -41,6 +41,10 @@ def test_unknown_key_names_closest_valid_key(tmp_path):
     ({"engine.kind": "deepspeed", "engine.offload_params": True, "engine.zero_stage": 2}, "needs engine.zero_stage=3"),
     ({"data.format": "classification"}, "needs model.task=classification"),
     ({"peft.load_in_4bit": True}, "needs peft.method=lora or dora"),
+    ({"data.padding_free": True, "model.task": "classification", "data.format": "classification"},
+     "data.padding_free concatenates causal-LM rows; set data.padding_free=false"),
+    ({"data.padding_free": True, "peft.method": "prompt_tuning"}, "examples sharing a row cannot be kept apart"),
+    ({"data.pack": True, "peft.method": "prefix_tuning"}, "set data.pack=false and data.padding_free=false"),
 ])
 def test_bad_values_raise_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:

@@ -283,6 +283,34 @@ def test_build_loader(tmp_path, tok):
         build_loader(val.select(range(10)), cfg, tok, rank=0, world_size=1, shuffle=True, seed=3)
 
 
+
+def test_padding_free_collator_concatenates_rows_with_boundaries(tok):
+    cfg = Config()
+    cfg.data.padding_free = True
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, -100]},
+            {"input_ids": [4, 5, 6, 7], "labels": [-100, -100, 6, 7]}]
+    batch = make_collator(cfg, tok)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 5, 6, 7]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, -100, -100, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["attention_mask"].tolist() == [[1] * 9]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 9]
+    assert batch["max_length_q"] == batch["max_length_k"] == 4
+    assert batch["logits_to_keep"].tolist() == [0, 1, 6, 7]  # no target crosses from one example into the next
+    cfg.train.target_logits_only = False
+    assert "logits_to_keep" not in make_collator(cfg, tok)(rows)
+
+
+def test_packed_rows_are_flattened_at_their_example_boundaries(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", INSTRUCTIONS)
+    cfg = make_cfg(tmp_path, path, prompt_template="plain", max_length=32, pack=True)
+    packed, _ = build_datasets(cfg, tok)
+    batch = make_collator(cfg, tok)([packed[0], packed[1]])
+    lengths = [len(packed[0]["input_ids"]), len(packed[1]["input_ids"])]
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    starts = [i for i, p in enumerate(packed[0]["position_ids"] + packed[1]["position_ids"]) if p == 0]
+    assert batch["cu_seq_lens_q"].tolist() == starts + [sum(lengths)] and len(starts) == 3
+
 def test_packed_rows_match_separate_examples_in_a_model(tmp_path, tok):
     """transformers reads segment boundaries from position_ids only with attention_mask=None and no cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -293,7 +321,9 @@ def test_packed_rows_match_separate_examples_in_a_model(tmp_path, tok):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
-    collate = make_collator(Config(), tok)
+    cfg = Config()
+    cfg.train.target_logits_only = False  # every position's logits
+    collate = make_collator(cfg, tok)
     batch = collate([packed[0], packed[1]])  # the second row is shorter: padding must not disturb the first
     del batch["attention_mask"]
     with torch.no_grad():
