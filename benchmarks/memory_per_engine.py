@@ -13,8 +13,9 @@ freed by zero_grad before the summary); the grads columns are formula/estimate o
 setup included), the maximum over the ranks (the trainer all-reduces it).
 
 Compared with
-  formula   the ZeRO paper's bytes per parameter, per rank: mixed-precision Adam (bf16/fp16) 2 weights +
-            2 grads + 12 optimizer (fp32 master + m + v); fp32 Adam 4 + 4 + 8 (m, v) + 4 fp32 master on DeepSpeed;
+  formula   the ZeRO paper's bytes per parameter, per rank: mixed-precision Adam (bf16/fp16) 16 bytes, on DeepSpeed
+            2 weights + 2 grads + 12 optimizer (fp32 master + m + v), on DDP/FSDP 4 + 4 + 8 (m, v) since their
+            fp32 parameter is the master copy; fp32 Adam 4 + 4 + 8 (m, v) + 4 fp32 master on DeepSpeed;
             ZeRO-1 divides the optimizer state by the world size, ZeRO-2 also the grads, ZeRO-3 and FSDP
             everything; frozen (LoRA base) weights count as weights only. Computed here, independently of
             dist_tune.estimate.
@@ -132,8 +133,10 @@ def formula(engine: str, precision: str, world: int, n: int, trainable: int) -> 
     kind, stage = ENGINES[engine]
     if precision == "fp32":
         weight, grad, optim = 4, 4, 8 + (4 if kind == "deepspeed" else 0)
-    else:
+    elif kind == "deepspeed":
         weight, grad, optim = 2, 2, 12
+    else:  # autocast / FSDP MixedPrecisionPolicy: the fp32 parameter is the master copy, cast for compute only
+        weight, grad, optim = 4, 4, 8
     sharded = {"ddp": (False, False, False), "fsdp": (True, True, True), "zero1": (False, False, True),
                "zero2": (False, True, True), "zero3": (True, True, True)}[engine]
     fw, fg, fo = (1 / world if s else 1.0 for s in sharded)
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(one_run(args, model, engine, method, root / "runs"))
     precision_note = ("fp32 Adam: 4 weights + 4 grads + 8 (m, v) [+ 4 fp32 master on DeepSpeed] bytes/param"
                       if args.mixed_precision == "fp32" else
-                      "mixed-precision Adam: 2 weights + 2 grads + 12 (fp32 master + m + v) bytes/param")
+                      "mixed-precision Adam, 16 bytes/param: DeepSpeed 2 weights + 2 grads + 12 (fp32 master + m + "
+                      "v); DDP/FSDP 4 fp32 weights (the master copy, cast to bf16 for compute) + 4 grads + 8 (m, v)")
     report = {
         "benchmark": "memory_per_engine", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "platform": platform.platform()},
