@@ -79,4 +79,3 @@ def make_collator(cfg: Config, tokenizer) -> Collator:
     return Collator(pad_id=pad_id if pad_id is not None else 0,
                     label_dtype=torch.float32 if cfg.model.task == "regression" else torch.long,
                     padding_free=flattened(cfg), target_positions=uses_target_logits(cfg))
-
