@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, git_commit
+from common import cpu_model, git_commit, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"ddp": ("ddp", 2), "fsdp": ("fsdp", 2), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2),
@@ -309,17 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_wall_s": time.perf_counter() - started,
         "runs": runs,
     }
-    table = markdown(report)
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.results_md:
-        path = Path(args.results_md)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = "" if path.exists() else "# Benchmark results\n\nSections are appended by the scripts in `benchmarks/`.\n"
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(header + "\n" + table)
-    print(table)
+    write_report(report, markdown(report), args.json_out, args.results_md)
     print(json.dumps(report, indent=2))
     failed = [f"{r['method']}/{r['engine']}" for r in runs if "failed" in r]
     if failed:

@@ -36,12 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_report
 from memory_per_engine import first_error
 from mixed_data import write_mixed_instructions
 from throughput_vs_hf import (
     DATA_DESC,
     MIXED_SEED,
-    append_results_md,
     data_line,
     dataset_cache,
     default_threads,
@@ -268,13 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "loadavg_1m_start": load_start,
         "results": results,
     }
-    table = markdown(report)
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.results_md:
-        append_results_md(Path(args.results_md), table)
-    print(table)
+    write_report(report, markdown(report), args.json_out, args.results_md)
     print(json.dumps({**report, "results": {v: {k: x for k, x in r.items() if k not in ("losses", "summary")}
                                             for v, r in results.items()}}, indent=2))
     for name, r in results.items():

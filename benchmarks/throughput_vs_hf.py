@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, git_commit
+from common import cpu_model, git_commit, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_pack")
@@ -460,13 +460,6 @@ def markdown(report: dict) -> str:
     return "\n".join(head + table_rows(report["results"]) + tail) + "\n"
 
 
-def append_results_md(path: Path, section: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = "" if path.exists() else "# Benchmark results\n\nSections are appended by the scripts in `benchmarks/`.\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(header + "\n" + section)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -499,13 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if "dt_flat" in tps and "hf_flat" in tps:
         report["ratio_dt_flat_vs_hf_flat"] = tps["dt_flat"] / tps["hf_flat"]
-    table = markdown(report)
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.results_md:
-        append_results_md(Path(args.results_md), table)
-    print(table)
+    write_report(report, markdown(report), args.json_out, args.results_md)
     summary = {k: v for k, v in report.items() if k != "results"}
     summary["results"] = {s: {k: v for k, v in r.items() if k != "runs"} for s, r in results.items()}
     print(json.dumps(summary, indent=2))
