@@ -96,6 +96,15 @@ def attention_implementation(cfg: Config) -> str:
     return cfg.model.attn_implementation
 
 
+def check_sliding_window(cfg: Config, hf_cfg) -> None:
+    """Padding-free rows attend causally within each example; a window shorter than an example would be ignored."""
+    window = getattr(hf_cfg, "sliding_window", None) if getattr(hf_cfg, "use_sliding_window", True) else None
+    if flattened(cfg) and window and window < cfg.data.max_length:
+        raise UserError(f"model '{cfg.model.name_or_path}' uses sliding-window attention ({window} tokens), which "
+                        f"padding-free rows do not apply; set data.max_length<={window} or data.padding_free=false "
+                        "and data.pack=false")
+
+
 def check_logits_to_keep(cfg: Config, model: torch.nn.Module) -> None:
     """train.target_logits_only passes `logits_to_keep` positions, which the model's forward must accept."""
     if uses_target_logits(cfg) and "logits_to_keep" not in inspect.signature(model.forward).parameters:
@@ -106,6 +115,7 @@ def check_logits_to_keep(cfg: Config, model: torch.nn.Module) -> None:
 def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the preset (seeded random init) or load local weights, in model.dtype, on `device`."""
     hf_cfg = model_config(cfg, tokenizer)
+    check_sliding_window(cfg, hf_cfg)
     dtype = DTYPES[cfg.model.dtype]
     auto = auto_class(cfg.model.task)
     torch.manual_seed(cfg.train.seed)

@@ -5,9 +5,12 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from dist_tune.attention import VARLEN_SDPA, cu_seq_lens_from_positions, register
+from dist_tune.config import Config
+from dist_tune.errors import UserError
+from dist_tune.models import check_sliding_window
 
 LENGTHS = (5, 9, 3)
 SHAPE = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -98,3 +101,14 @@ def test_several_packed_rows_without_padding_keep_every_example_apart():
         joint = varlen(input_ids=torch.cat([first, second]), position_ids=positions).logits
         alone = [plain(input_ids=x).logits[0] for x in (rows[0], rows[2][:, :3], rows[1][:, :8])]
     assert torch.allclose(joint, torch.stack([torch.cat(alone[:2]), alone[2]]), atol=1e-5)
+
+
+def test_padding_free_rows_refuse_a_sliding_window_shorter_than_an_example():
+    cfg = Config()
+    cfg.data.padding_free, cfg.data.max_length = True, 256
+    with pytest.raises(UserError, match=r"sliding-window attention \(128 tokens\).*data.max_length<=128"):
+        check_sliding_window(cfg, MistralConfig(sliding_window=128))
+    check_sliding_window(cfg, MistralConfig(sliding_window=4096))  # never reached: no difference
+    check_sliding_window(cfg, SHAPE)
+    cfg.data.padding_free = False
+    check_sliding_window(cfg, MistralConfig(sliding_window=128))
