@@ -1,12 +1,14 @@
 """Observability: FLOPs/MFU, memory, metric sinks (console, JSONL, W&B), loss plot, run report, rank-aware logging.
 
 Metric keys are namespaced: "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-"train/samples_per_s", "train/mfu", "train/data_wait_s", "train/compute_s", "train/peak_mem_gib"
-(or "train/peak_rss_gib" on CPU), and "eval/loss", "eval/perplexity", "eval/accuracy", "eval/f1".
+"train/samples_per_s", "train/mfu", "train/data_wait_s", "train/compute_s", "train/peak_mem_gib" and
+"train/peak_reserved_gib" (CUDA) or "train/peak_rss_gib" (CPU), "train/host_rss_gib", and "eval/loss",
+"eval/perplexity", "eval/accuracy", "eval/f1".
 A metric that cannot be measured (e.g. MFU without a known peak) is left out, never logged as 0.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -15,6 +17,7 @@ import os
 import resource
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,19 +29,25 @@ from dist_tune.errors import UserError
 
 log = logging.getLogger("dist_tune")
 
-FLOPS_FORMULA_FULL = "6N+12LHS (full)"
-FLOPS_FORMULA_PEFT = "4N+2N_trainable+12LHS (peft)"
+FLOPS_FORMULA_FULL = "6*N_body + 6*N_head*(logit positions/token) + 12*L*H*S (full)"
+FLOPS_FORMULA_PEFT = ("4*N_body + 2*N_body_trainable + (4*N_head + 2*N_head_trainable)*(logit positions/token)"
+                      " + 12*L*H*S (peft)")
 PEAK_FLOPS_ENV = "DIST_TUNE_PEAK_FLOPS"
 JSONL_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "loss.png"
 WANDB_ID_NAME = "wandb_run_id"
+WANDB_INIT_TIMEOUT_S = 10.0  # wandb.init waits this long for the server; its login check can add about 10 s
+WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+GIB = 2**30
 
-# Dense (non-sparse) peak FLOP/s per device; fp32 is the non-tensor-core rate. First substring match wins.
+# Dense (non-sparse) peak FLOP/s per device; fp32 is the non-tensor-core rate. The longest matching name wins.
 _PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
     ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
     ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
     ("A10G", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
@@ -46,19 +55,36 @@ _PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
-def flops_per_token(*, n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int,
-                    full_tuning: bool) -> float:
-    """Training FLOPs per token (PaLM / torchtitan), N = n_params (non-embedding by PaLM's convention).
+@dataclass(frozen=True)
+class FlopsModel:
+    """What the training FLOPs of one token depend on (PaLM / torchtitan accounting).
 
-    Full tuning: 6N + 12*L*H*S -- forward 2N, backward 4N (activation + weight gradients), plus attention
-    scores/values (QK^T and AV: 4LHS forward, 8LHS backward), S = sequence length.
-    PEFT: 4N + 2*N_trainable + 12*L*H*S -- forward 2N and activation gradients 2N over all weights, weight
-    gradients 2*N_trainable only (frozen weights need none); attention has no weights, so its term is unchanged.
+    body: parameters applied at every token; an untied input embedding is a lookup and is left out.
+    head: the LM head, applied only where logits are computed (a tied embedding is counted once, here).
+    Per token: forward 2N and activation gradients 2N over all weights, weight gradients 2N over trainable ones
+    only (frozen peft weights need none), plus attention scores/values 12·L·H·S (QK^T and AV: 4LHS forward,
+    8LHS backward; no weights), S the mean example length (padding-free rows keep examples apart).
     """
-    attention = 12 * n_layers * hidden * seq_len
-    if full_tuning:
-        return float(6 * n_params + attention)
-    return float(4 * n_params + 2 * n_trainable + attention)
+    body: int
+    body_trainable: int
+    head: int
+    head_trainable: int
+    n_layers: int
+    hidden: int
+
+    def per_token(self, seq_len: float, logit_positions_per_token: float) -> float:
+        body = 4 * self.body + 2 * self.body_trainable
+        head = (4 * self.head + 2 * self.head_trainable) * logit_positions_per_token
+        return float(body + head + 12 * self.n_layers * self.hidden * seq_len)
+
+
+def compute_dtype(cfg: Config) -> str:
+    """The dtype the matmuls run in: engine.mixed_precision when bf16/fp16, else model.dtype; a QLoRA base
+    computes in bf16 unless model.dtype is fp16."""
+    if cfg.engine.mixed_precision in ("bf16", "fp16"):
+        return cfg.engine.mixed_precision
+    dtype = _DTYPE_ALIASES.get(cfg.model.dtype, cfg.model.dtype)
+    return "bf16" if cfg.peft.load_in_4bit and dtype == "fp32" else dtype
 
 
 def peak_flops_per_device(device: torch.device, dtype: str) -> float | None:
@@ -75,12 +101,12 @@ def peak_flops_per_device(device: torch.device, dtype: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    key = _DTYPE_ALIASES.get(dtype, dtype)
-    for pattern, peaks in _PEAK_FLOPS:
-        if pattern in name:
-            return peaks.get(key)
-    warn_once(f"unknown GPU {name!r}: MFU is not reported; set {PEAK_FLOPS_ENV} to its peak FLOP/s")
-    return None
+    matches = [(pattern, peaks) for pattern, peaks in _PEAK_FLOPS if pattern in name]
+    if not matches:
+        warn_once(f"unknown GPU {name!r}: MFU is not reported; set {PEAK_FLOPS_ENV} to its peak FLOP/s")
+        return None
+    _, peaks = max(matches, key=lambda match: len(match[0]))
+    return peaks.get(_DTYPE_ALIASES.get(dtype, dtype))
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_size: int) -> float | None:
@@ -90,21 +116,35 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_s
     return tokens_per_s * flops_per_token / (peak * world_size)
 
 
-def peak_memory_gib(device: torch.device) -> float | None:
-    """Peak CUDA memory allocated on `device`, or on CPU the host process's peak RSS, in GiB; None elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if device.type == "cpu":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    return None
+def host_rss_gib() -> float | None:
+    """This process's current resident set size in GiB (Linux /proc/self/statm), or None where unavailable."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
-    """Peak memory under its honest key: "train/peak_mem_gib" (device) or "train/peak_rss_gib" (host RSS)."""
-    value = peak_memory_gib(device)
-    if value is None:
-        return {}
-    return {"train/peak_mem_gib" if device.type == "cuda" else "train/peak_rss_gib": value}
+    """Memory under honest keys: on CUDA the peak allocated and reserved since the last reset_peak_memory
+    ("train/peak_mem_gib", "train/peak_reserved_gib"), on CPU the process's lifetime peak RSS
+    ("train/peak_rss_gib"), and everywhere the current host RSS ("train/host_rss_gib"), which offload fills."""
+    out = {}
+    if device.type == "cuda":
+        out["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        out["train/peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    elif device.type == "cpu":
+        out["train/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    rss = host_rss_gib()
+    if rss is not None:
+        out["train/host_rss_gib"] = rss
+    return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on CUDA (ru_maxrss on CPU cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 _base_record_factory = logging.getLogRecordFactory()
@@ -155,40 +195,98 @@ class JsonlSink:
         self._file.close()
 
 
+def _env_wandb_mode() -> str | None:
+    """WANDB_MODE, or None when unset; an empty value counts as unset and is removed (wandb rejects it)."""
+    value = os.environ.get("WANDB_MODE")
+    if value == "":
+        del os.environ["WANDB_MODE"]
+        return None
+    if value is not None and value not in WANDB_ENV_MODES:
+        raise UserError(f"WANDB_MODE={value!r} is not a W&B mode; set it to online, offline or disabled, or unset it")
+    return value
+
+
 def wandb_mode(mode: str) -> str:
-    """Resolve "auto": "online" when WANDB_API_KEY is set, else "offline"; other modes pass through."""
-    if mode == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return mode
+    """Resolve "auto": WANDB_MODE when set, else "online" when WANDB_API_KEY is set, else "offline"; other modes
+    pass through."""
+    env = _env_wandb_mode()
+    if mode != "auto":
+        return mode
+    return env or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _init_wandb(mode: str, **kwargs: Any):
+    import wandb
+
+    return wandb.init(mode=mode, settings=wandb.Settings(console="off", init_timeout=WANDB_INIT_TIMEOUT_S), **kwargs)
+
+
+def start_wandb_run(mode: str, **kwargs: Any):
+    """wandb.init(mode, **kwargs), never fatal: a run that cannot start online (no network, server down, bad key)
+    falls back to offline within about WANDB_INIT_TIMEOUT_S + 10 s, with one warning giving the `wandb sync`
+    command; one that cannot start at all gives a warning and None."""
+    try:
+        return _init_wandb(mode, **kwargs)
+    except Exception as error:
+        reason = _one_line(error)
+    if mode != "offline":
+        try:
+            import wandb
+
+            wandb.teardown()  # the failed run's service still holds its id
+            run = _init_wandb("offline", **kwargs)
+        except Exception as error:
+            reason += f"; offline: {_one_line(error)}"
+        else:
+            log.warning("W&B unreachable (%s); logging offline instead, upload later with `wandb sync %s`",
+                        reason, Path(run.dir).parent)
+            return run
+    log.warning("W&B could not start (%s); continuing without W&B", reason)
+    return None
 
 
 class WandbSink:
-    """A W&B run under run_dir/wandb; the run id is kept in run_dir/wandb_run_id so a resumed run continues it."""
+    """A W&B run under run_dir/wandb; the run id is kept in run_dir/wandb_run_id so a resumed run continues it.
+
+    W&B never stops training: see start_wandb_run; a failing log call turns the sink off with one warning."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]):
         self._run = None
         mode = wandb_mode(cfg.mode)
         if mode == "disabled":
             return
-        import wandb
-
         id_file = Path(run_dir) / WANDB_ID_NAME
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        self._run = wandb.init(
-            mode=mode, project=cfg.project, entity=cfg.entity, name=cfg.name or Path(run_dir).name,
-            tags=cfg.tags, group=cfg.group, dir=str(run_dir), config=config, id=run_id, resume="allow",
-            settings=wandb.Settings(console="off"),
-        )
+        self._run = start_wandb_run(
+            mode, project=cfg.project, entity=cfg.entity, name=cfg.name or Path(run_dir).name, tags=cfg.tags,
+            group=cfg.group, dir=str(run_dir), config=config, id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self._run is not None:
+        if self._run is None:
+            return
+        try:
             self._run.log(metrics, step=step)
+        except Exception as error:
+            log.warning("W&B logging failed at step %d (%s); continuing without W&B", step, _one_line(error))
+            run, self._run = self._run, None
+            with contextlib.suppress(Exception):
+                run.finish()
 
     def close(self) -> None:
-        if self._run is not None:
-            self._run.finish()
-            self._run = None
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            run.finish()
+        except Exception as error:
+            log.warning("W&B could not finish its run (%s); its files are under %s", _one_line(error),
+                        Path(run.dir).parent)
 
 
 _POSTFIX = (("train/loss", "loss"), ("train/lr", "lr"), ("train/tokens_per_s", "tok/s"))
@@ -344,6 +442,11 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{sec:02d}s"
 
 
+_MEMORY_LABELS = (("train/peak_mem_gib", "peak device memory allocated"),
+                  ("train/peak_reserved_gib", "peak device memory reserved"),
+                  ("train/peak_rss_gib", "peak host RSS"), ("train/host_rss_gib", "max logged host RSS"))
+
+
 def report(run_dir: Path) -> str:
     """A readable summary table of a finished or interrupted run from metrics.jsonl (+ summary.json if present)."""
     run_dir = Path(run_dir)
@@ -366,7 +469,7 @@ def report(run_dir: Path) -> str:
         ("mean tokens/s", _fmt(sum(tps) / len(tps)) if tps else None),
         ("mean MFU", f"{100 * sum(mfus) / len(mfus):.2f}%" if mfus else "n/a (peak FLOPs unknown)"),
     ]
-    for key, label in (("train/peak_mem_gib", "peak device memory"), ("train/peak_rss_gib", "peak host RSS")):
+    for key, label in _MEMORY_LABELS:
         values = _series(records, key)[1]
         if values:
             rows.append((label, f"{max(values):.2f} GiB"))
