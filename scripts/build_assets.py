@@ -173,6 +173,49 @@ def sentiment(rng: random.Random, n: int, positive_share: float = 0.55) -> list[
     return [{"text": _review(rng, POSITIVE if label == "positive" else NEGATIVE), "label": label} for label in labels]
 
 
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.",
+                  "You are a careful assistant. Give only the answer.")
+
+
+def _user_turn(instruction: str, inp: str) -> str:
+    return f"{instruction}\n{inp}" if inp else instruction
+
+
+def _follow_up(rng: random.Random, answer: str) -> tuple[str, str] | None:
+    """A question about the previous answer, with its answer; None when the answer invites none."""
+    if answer.isdigit():
+        k = rng.randint(1, 9)
+        return f"Now add {k} to that.", str(int(answer) + k)
+    words = answer.split()
+    if not all(w.isalpha() for w in words):
+        return None
+    kind = rng.randrange(3)
+    if kind == 0:
+        return "Now write that in capital letters.", answer.upper()
+    if kind == 1 and len(words) > 1:
+        return "Now reverse that.", " ".join(reversed(words))
+    return "How many words is that?", str(len(words))
+
+
+def chats(rng: random.Random, n: int) -> list[dict]:
+    """OpenAI-style `messages`: an optional system turn, then 1-3 user/assistant pairs; later questions often
+    refer to the previous answer."""
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.4 else []
+        answer = None
+        for _ in range(rng.randint(1, 3)):
+            follow = _follow_up(rng, answer) if answer is not None and rng.random() < 0.6 else None
+            if follow is None:
+                instruction, inp, answer = rng.choice(TASKS)(rng)
+                question = _user_turn(instruction, inp)
+            else:
+                question, answer = follow
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -209,6 +252,8 @@ def main() -> None:
     for name, rows in files.items():
         write_jsonl(data / name, rows)
         print(f"{name}: {len(rows)} rows, {(data / name).stat().st_size / 1024:.0f} KiB")
+    write_jsonl(data / "chat.jsonl", chats(random.Random(args.seed + 3), 300))  # not in the tokenizer's corpus
+    print(f"chat.jsonl: 300 rows, {(data / 'chat.jsonl').stat().st_size / 1024:.0f} KiB")
     train_tokenizer([data / name for name in files], ASSETS / "tokenizer")
     size = sum(p.stat().st_size for p in (ASSETS / "tokenizer").iterdir())
     print(f"tokenizer: {size / 1024:.0f} KiB")

@@ -1,10 +1,11 @@
-"""The three data formats: field checks, label encoding, prompt templates and batched tokenization."""
+"""The data formats: field checks, label encoding, prompt templates and batched tokenization."""
 from __future__ import annotations
 
 import datasets
 import pyarrow.compute as pc
 
 from dist_tune.config import Config
+from dist_tune.data.chat import chat_prompt, encode_chat
 from dist_tune.errors import DataError
 
 IGNORE_INDEX = -100
@@ -42,9 +43,20 @@ def prompt_for(cfg: Config, instruction: str, input: str = "") -> str:
     return (with_input if input else without_input).format(instruction=instruction, input=input)
 
 
+def prompt_ids(cfg: Config, tokenizer, instruction: str, input: str = "") -> list[int]:
+    """The token ids training put before a response to this instruction: the chat template's rendering of it as
+    a user turn plus the generation prompt (format=chat), else bos (if any) + the encoded `prompt_for` text."""
+    if cfg.data.format == "chat":
+        return tokenizer(chat_prompt(tokenizer, instruction, input), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt_for(cfg, instruction, input), add_special_tokens=False)["input_ids"]
+
+
 def field_keys(cfg: Config) -> dict[str, str]:
     """Fields the format needs, each mapped to the config key that names it."""
     data = cfg.data
+    if data.format == "chat":
+        return {}  # chat.normalize finds and checks the conversation column
     if data.format == "text":
         return {data.text_field: "data.text_field"}
     if data.format == "instruction":
@@ -174,4 +186,5 @@ def encode_classification(batch: dict, *, tokenizer, cfg: Config) -> dict:
     return {"input_ids": [ids[i] for i in keep], "labels": [batch[cfg.data.label_field][i] for i in keep]}
 
 
-ENCODERS = {"text": encode_text, "instruction": encode_instruction, "classification": encode_classification}
+ENCODERS = {"text": encode_text, "instruction": encode_instruction, "classification": encode_classification,
+            "chat": encode_chat}

@@ -10,26 +10,31 @@ from pathlib import Path
 import datasets
 
 from dist_tune.config import Config
+from dist_tune.data import chat
 from dist_tune.data.formats import (ENCODERS, check_fields, encode_labels, label_names, output_features,
                                     prompt_templates)
 from dist_tune.data.packing import pack
-from dist_tune.data.sources import load_records, resolve_path
+from dist_tune.data.sources import HUB, load_records, resolve_path
 from dist_tune.errors import DataError
 
 LOADER_FIELDS = ("num_workers", "pin_memory", "cache_dir")
 
 
-def _source_identity(path: str) -> list:
-    """Path, size and mtime of the source file(s): a change to any of them invalidates the cache."""
-    resolved = resolve_path(path)
-    files = sorted(p for p in resolved.rglob("*") if p.is_file()) if resolved.is_dir() else [resolved]
+def _source_identity(path: str, raw: datasets.Dataset) -> list:
+    """Path, size and mtime of the source file(s) (for `hf:` datasets their cache files, which are named by
+    revision): a change to any of them invalidates the cache."""
+    if path.startswith(HUB):
+        files = [Path(f["filename"]) for f in raw.cache_files]
+    else:
+        resolved = resolve_path(path)
+        files = sorted(p for p in resolved.rglob("*") if p.is_file()) if resolved.is_dir() else [resolved]
     return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def _tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer)
-    specials = (type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    specials = (type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.chat_template)
     return hashlib.sha256(f"{state}{specials}".encode()).hexdigest()
 
 
@@ -38,12 +43,10 @@ def _code_hash() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
 
 
-def _fingerprint(cfg: Config, tokenizer, role: str, names: list[str] | None) -> str:
+def _fingerprint(cfg: Config, tokenizer, role: str, names: list[str] | None, sources: dict[str, list]) -> str:
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in LOADER_FIELDS}
     key = {
-        "role": role, "data": data, "task": cfg.model.task, "names": names, "seed": cfg.train.seed,
-        "path": _source_identity(cfg.data.path),
-        "validation_path": cfg.data.validation_path and _source_identity(cfg.data.validation_path),
+        "role": role, "data": data, "task": cfg.model.task, "names": names, "seed": cfg.train.seed, **sources,
         "tokenizer": _tokenizer_hash(tokenizer), "code": _code_hash(),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -63,14 +66,20 @@ def _check_config(cfg: Config) -> None:
 
 
 def _load(cfg: Config, path: str, key: str, split: str) -> datasets.Dataset:
-    raw = load_records(path, key=key, split=split)
+    data = cfg.data
+    raw = load_records(path, key=key, split=split, config=data.config, data_files=data.data_files,
+                       cache_dir=data.cache_dir)
     check_fields(raw, cfg, path)
     return raw
 
 
-def _with_labels(raw: datasets.Dataset, cfg: Config, names: list[str] | None, source: str) -> datasets.Dataset:
-    """Encode labels before any split so errors name rows of the source file."""
-    return encode_labels(raw, cfg, names, source) if cfg.data.format == "classification" else raw
+def _prepare(raw: datasets.Dataset, cfg: Config, names: list[str] | None, source: str) -> datasets.Dataset:
+    """Encode labels and check conversations before any split so errors name rows of the source file."""
+    if cfg.data.format == "classification":
+        return encode_labels(raw, cfg, names, source)
+    if cfg.data.format == "chat":
+        return chat.normalize(raw, cfg, source)
+    return raw
 
 
 def _split(raw: datasets.Dataset, cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -83,10 +92,13 @@ def _split(raw: datasets.Dataset, cfg: Config) -> tuple[datasets.Dataset, datase
 
 
 def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: list[str] | None,
-              source: str) -> datasets.Dataset:
-    fingerprint = _fingerprint(cfg, tokenizer, role, names)
+              source: str, sources: dict[str, list]) -> datasets.Dataset:
+    fingerprint = _fingerprint(cfg, tokenizer, role, names, sources)
+    encode = functools.partial(ENCODERS[cfg.data.format], tokenizer=tokenizer, cfg=cfg)
+    if cfg.data.format == "chat":
+        encode = functools.partial(encode, source=source)
     encoded = raw.map(
-        functools.partial(ENCODERS[cfg.data.format], tokenizer=tokenizer, cfg=cfg),
+        encode,
         batched=True, remove_columns=raw.column_names, features=output_features(cfg, names),
         cache_file_name=str(_cache_dir(cfg) / f"{role}-{fingerprint}.arrow"), new_fingerprint=fingerprint,
         load_from_cache_file=True, desc=f"Tokenizing {role} data",
@@ -103,19 +115,27 @@ def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: l
 def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Train and validation datasets of model-ready rows: `input_ids`, `labels` and, when packed, `position_ids`.
 
-    Validation comes from data.validation_path, else a data.validation_split hold-out seeded by train.seed,
-    else is None. Classification labels are a ClassLabel feature (`train.features['labels'].names`)."""
+    Validation comes from data.validation_path (its `validation` split for `hf:` datasets), else a
+    data.validation_split hold-out seeded by train.seed, else is None. Classification labels are a ClassLabel
+    feature (`train.features['labels'].names`). format=chat gives a tokenizer without a chat_template the
+    default one (chat.DEFAULT_CHAT_TEMPLATE)."""
     _check_config(cfg)
     data = cfg.data
-    train_raw = _load(cfg, data.path, "data.path", "train")
+    if data.format == "chat":
+        chat.ensure_chat_template(tokenizer)
+    train_raw = _load(cfg, data.path, "data.path", data.split)
+    sources = {"path": _source_identity(data.path, train_raw), "validation_path": None}
     names = label_names(cfg, train_raw)
-    train_raw = _with_labels(train_raw, cfg, names, data.path)
+    train_raw = _prepare(train_raw, cfg, names, data.path)
     val_raw, val_source = None, data.path
     if data.validation_path:
         val_source = data.validation_path
-        val_raw = _with_labels(_load(cfg, val_source, "data.validation_path", "validation"), cfg, names, val_source)
+        val_raw = _load(cfg, val_source, "data.validation_path", "validation")
+        sources["validation_path"] = _source_identity(val_source, val_raw)
+        val_raw = _prepare(val_raw, cfg, names, val_source)
     elif data.validation_split > 0:
         train_raw, val_raw = _split(train_raw, cfg)
-    train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path)
-    val = _tokenize(val_raw, cfg, tokenizer, "validation", names, val_source) if val_raw is not None else None
+    train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path, sources)
+    val = (_tokenize(val_raw, cfg, tokenizer, "validation", names, val_source, sources)
+           if val_raw is not None else None)
     return train, val

@@ -55,8 +55,8 @@ def test_tokenizer_asset(tok):
 
 
 def test_bundled_sources():
-    sizes = {name: len(load_records(f"bundled:{name}")) for name in ("instructions", "text", "sentiment")}
-    assert sizes == {"instructions": 3000, "text": 2000, "sentiment": 1200}
+    sizes = {name: len(load_records(f"bundled:{name}")) for name in ("instructions", "text", "sentiment", "chat")}
+    assert sizes == {"instructions": 3000, "text": 2000, "sentiment": 1200, "chat": 300}
     labels = load_records("bundled:sentiment")["label"]
     assert set(labels) == {"negative", "positive"} and list(labels).count("positive") == 660
     with pytest.raises(DataError, match="bundled:instructions"):
@@ -255,6 +255,7 @@ def test_sampler_rank_shares():
 
 def test_collator_padding(tok):
     cfg = Config()
+    cfg.data.padding_free = False
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
             {"input_ids": [8], "labels": [8], "position_ids": [0]}]
     batch = make_collator(cfg, tok)(rows)
@@ -286,7 +287,7 @@ def test_build_loader(tmp_path, tok):
 
 def test_padding_free_collator_concatenates_rows_with_boundaries(tok):
     cfg = Config()
-    cfg.data.padding_free = True
+    assert cfg.data.padding_free == "auto"  # the default: on for causal-LM rows
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, -100]},
             {"input_ids": [4, 5, 6, 7], "labels": [-100, -100, 6, 7]}]
     batch = make_collator(cfg, tok)(rows)
@@ -322,6 +323,7 @@ def test_packed_rows_match_separate_examples_in_a_model(tmp_path, tok):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
     cfg = Config()
+    cfg.data.padding_free = False
     cfg.train.target_logits_only = False  # every position's logits
     collate = make_collator(cfg, tok)
     batch = collate([packed[0], packed[1]])  # the second row is shorter: padding must not disturb the first

@@ -1,0 +1,130 @@
+"""Record sources beyond single files: `hf:NAME` from a real on-disk hub cache with no network, and directories
+of parquet/jsonl shards."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import pytest
+from transformers import AutoTokenizer
+
+from dist_tune.config import Config
+from dist_tune.data import build_datasets, load_records
+from dist_tune.errors import DataError
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "dist_tune" / "assets" / "tokenizer"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+- config_name: short
+  data_files:
+  - split: train
+    path: short/*.parquet
+---
+"""
+
+
+def chats(prefix: str, n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"{prefix} question {i}?"},
+                          {"role": "assistant", "content": f"{prefix} answer {i}"}]} for i in range(n)]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline hub cache holding dataset `acme/chats` the way `hf download --repo-type dataset` lays it out."""
+    repo = tmp_path / "hub" / "datasets--acme--chats"
+    snapshot = repo / "snapshots" / REVISION
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot / "short").mkdir()
+    (snapshot / "README.md").write_text(README)
+    datasets.Dataset.from_list(chats("train", 6)).to_parquet(str(snapshot / "data/train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(chats("val", 2)).to_parquet(str(snapshot / "data/validation-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(chats("short", 3)).to_parquet(str(snapshot / "short/part.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    return tmp_path
+
+
+def cfg_for(tmp_path: Path, path: str, fmt: str = "chat", **data) -> Config:
+    cfg = Config()
+    cfg.data.path, cfg.data.format, cfg.data.cache_dir, cfg.data.validation_split = path, fmt, str(tmp_path / "c"), 0
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def questions(dataset: datasets.Dataset) -> list[str]:
+    return [row["messages"][0]["content"] for row in dataset]
+
+
+def test_hub_dataset_resolves_offline_from_the_hub_cache(hub):
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    cfg = cfg_for(hub, "hf:acme/chats", validation_path="hf:acme/chats")
+    train, val = build_datasets(cfg, tok)
+    assert (len(train), len(val)) == (6, 2)
+    assert tok.decode(val[1]["input_ids"]) == "<s>user\nval question 1?</s><s>assistant\nval answer 1</s>"
+    again, _ = build_datasets(cfg, tok)
+    assert again.cache_files == train.cache_files  # the tokenized rows come from dist_tune's cache
+    assert questions(load_records("hf:acme/chats", split="validation")) == ["val question 0?", "val question 1?"]
+    assert questions(load_records("hf:acme/chats", split="train[:2]")) == ["train question 0?", "train question 1?"]
+    assert questions(load_records("hf:acme/chats", config="short")) == [f"short question {i}?" for i in range(3)]
+    assert len(load_records("hf:acme/chats", data_files=["data/validation-*.parquet"])) == 2
+
+
+def test_hub_dataset_errors_name_the_dataset_and_the_fix(hub):
+    with pytest.raises(DataError, match=r"^dataset 'acme/missing' is not in the local cache and HF_HUB_OFFLINE "
+                                        r"\(or HF_DATASETS_OFFLINE\) is set; run `hf download --repo-type dataset "
+                                        r"acme/missing` where there is network, or set HF_HUB_OFFLINE=0$"):
+        load_records("hf:acme/missing")
+    with pytest.raises(DataError, match=r"^dataset 'acme/chats' cannot be loaded: Unknown split \"test\".*check "
+                                        r"data\.config, data\.split and data\.data_files$"):
+        load_records("hf:acme/chats", split="test")
+    with pytest.raises(DataError, match=r"^dataset 'acme/chats' cannot be loaded: .*'nope'"):
+        load_records("hf:acme/chats", config="nope")
+
+
+def write_shard(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_shard_directory_reads_every_shard_in_sorted_order(tmp_path, suffix):
+    shards = tmp_path / "shards"
+    for name, texts in (("part-00002", ["e"]), ("part-00000", ["a", "b"]), ("sub/part-00003", ["f"]),
+                        ("part-00001", ["c", "d"]), (".cache/stale", ["x"])):
+        write_shard(shards / f"{name}{suffix}", [{"text": t} for t in texts])
+    assert load_records(str(shards))["text"][:] == ["a", "b", "c", "d", "e", "f"]
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    train, _ = build_datasets(cfg_for(tmp_path, str(shards), "text"), tok)
+    assert [tok.decode(row["input_ids"]) for row in train] == [f"<s>{t}</s>" for t in "abcdef"]
+
+
+def test_shard_directory_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"directory '.*empty' holds no \.jsonl/\.json/\.parquet/\.csv shards and is "
+                                        r"not a datasets save_to_disk directory; set data\.path to"):
+        load_records(str(tmp_path / "empty"))
+    write_shard(tmp_path / "mixed/a.jsonl", [{"text": "a"}])
+    write_shard(tmp_path / "mixed/b.parquet", [{"text": "b"}])
+    with pytest.raises(DataError, match=r"directory '.*mixed' mixes \.jsonl and \.parquet files; keep one kind"):
+        load_records(str(tmp_path / "mixed"))
+    write_shard(tmp_path / "clash/a.jsonl", [{"text": "a"}])
+    write_shard(tmp_path / "clash/b.jsonl", [{"text": 1}])
+    with pytest.raises(DataError, match=r"shard '.*clash/b\.jsonl' does not match the columns of '.*clash/a\.jsonl'"):
+        load_records(str(tmp_path / "clash"))
