@@ -1,5 +1,5 @@
-"""Where am I running? Rank / world / node / head address from torchrun or Slurm, process-group setup,
-and preemption handling (signal -> checkpoint -> requeue -> auto-resume).
+"""Where am I running? Rank / world / node / head address from torchrun or Slurm (no process group here:
+see :mod:`dist_tune.process_group`; preemption: :mod:`dist_tune.preemption`).
 
 Launchers recognised by :func:`detect`, first match wins:
 
@@ -13,36 +13,15 @@ Launchers recognised by :func:`detect`, first match wins:
     ``srun`` started one process per rank directly (no torchrun): ``SLURM_STEP_ID`` and
     ``SLURM_PROCID`` are set. World size from ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``, node from
     ``SLURM_NODEID``, tasks on this node from ``SLURM_STEP_TASKS_PER_NODE``/``SLURM_TASKS_PER_NODE``
-    (``"2(x3),1"``) or ``SLURM_NTASKS_PER_NODE``; the head address is the first host of the step's
-    nodelist (``scontrol show hostnames`` when available, else :func:`expand_nodelist`), and the port
+    (``"2(x3),1"``) or ``SLURM_NTASKS_PER_NODE``; the head address is :func:`head_address`, and the port
     is ``MASTER_PORT`` or :func:`port_from_job_id`. The batch script itself (no ``SLURM_STEP_ID``)
     is never taken for a rank of a multi-task job: ``python train.py`` written straight into an
     sbatch script with ``--ntasks=2`` runs as a single process instead of hanging for a peer.
 ``single``
     Anything else: rank 0 of 1.
 
-Preemption protocol (what the trainer does; see :class:`PreemptionHandler`)::
-
-    handler = PreemptionHandler(env)                  # installs: SIGUSR1 + SIGTERM only set a flag
-    for step in ...:
-        train_step()
-        if handler.should_stop():                     # all ranks agree (all-reduce MAX of the flag)
-            save_checkpoint()                         # collective; ends with a barrier + COMPLETE marker
-            barrier(); destroy_distributed()          # every rank is done writing
-            handler.requeue()                         # rank 0, under Slurm: scontrol requeue $SLURM_JOB_ID
-            sys.exit(PREEMPTED_EXIT_CODE)             # 0: torchrun must not restart, Slurm must not fail it
-
-``scontrol requeue`` kills the whole job at once (every node) and puts it back in the queue; the
-requeued job gets ``SLURM_RESTART_COUNT=1,2,...`` and, with ``train.resume=auto``, continues from the
-checkpoint just written. Slurm keeps a requeued job ineligible for ``cred_expire`` seconds (AuthInfo,
-default 120 s) before it can start again.
-
-Signal delivery (verified on Slurm 22.05, proctrack/linuxproc; see slurm/preemptible.sbatch):
-``--signal=B:USR1@T`` and ``scancel -s USR1 -b`` reach only the batch shell; ``--signal=USR1@T`` and
-``scancel -s USR1 JOBID`` reach *every process* of every srun step (torchrun and its workers, even
-though torchrun starts workers in new sessions), never the batch shell; ``scancel -f`` reaches both.
-torchrun dies on SIGUSR1 (it has no handler for it), so the per-node command ignores USR1 before
-``exec torchrun`` and only the workers (which install this handler) act on it.
+``python -m dist_tune.cluster head-address`` prints :func:`head_address` for the sbatch templates, so the
+rendezvous host of a torchrun-per-node job is resolved by the same code as that of an srun-direct job.
 """
 
 from __future__ import annotations
@@ -51,14 +30,11 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from typing import Any
 
 from dist_tune.errors import UserError
@@ -70,9 +46,6 @@ DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 PORT_BASE = 10000
 PORT_SPAN = 50000
-# Exit status of a rank that stopped because of preemption after saving (and, on rank 0, requeueing).
-# 0 so that torchrun does not restart the workers and Slurm does not record a failure.
-PREEMPTED_EXIT_CODE = 0
 SCONTROL_TIMEOUT_S = 30
 
 
@@ -91,7 +64,7 @@ class ClusterEnv:
     master_addr: str = DEFAULT_MASTER_ADDR
     master_port: int = DEFAULT_MASTER_PORT
     launcher: str = "single"
-    # SLURM_JOB_ID when running inside a Slurm job (any launcher), else None: used by requeue().
+    # SLURM_JOB_ID when running inside a Slurm job (any launcher), else None: requeue and run-dir lock use it.
     slurm_job_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -343,6 +316,17 @@ def _detect_torchrun(environ: Mapping[str, str]) -> ClusterEnv:
     )
 
 
+def head_address(environ: Mapping[str, str], *, resolve: bool = True, use_scontrol: bool = True) -> str:
+    """The first host of the step's (else the job's) nodelist, resolved by :func:`resolve_host` unless
+    `resolve` is off; 127.0.0.1 outside Slurm."""
+    nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                or environ.get("SLURM_NODELIST") or "")
+    hosts = hostnames(nodelist, use_scontrol=use_scontrol) if nodelist else []
+    if not hosts:
+        return DEFAULT_MASTER_ADDR
+    return resolve_host(hosts[0], use_scontrol=use_scontrol) if resolve else hosts[0]
+
+
 def _detect_srun(environ: Mapping[str, str], *, resolve: bool, use_scontrol: bool) -> ClusterEnv:
     rank = _int(environ, "SLURM_PROCID")
     world = _int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
@@ -363,19 +347,7 @@ def _detect_srun(environ: Mapping[str, str], *, resolve: bool, use_scontrol: boo
     if local_world is None:
         local_world = max(1, world // max(1, num_nodes))
 
-    master_addr = environ.get("MASTER_ADDR")
-    if not master_addr:
-        nodelist = (
-            environ.get("SLURM_STEP_NODELIST")
-            or environ.get("SLURM_JOB_NODELIST")
-            or environ.get("SLURM_NODELIST")
-            or ""
-        )
-        hosts = hostnames(nodelist, use_scontrol=use_scontrol) if nodelist else []
-        if hosts:
-            master_addr = resolve_host(hosts[0], use_scontrol=use_scontrol) if resolve else hosts[0]
-        else:
-            master_addr = DEFAULT_MASTER_ADDR
+    master_addr = environ.get("MASTER_ADDR") or head_address(environ, resolve=resolve, use_scontrol=use_scontrol)
     return ClusterEnv(
         rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
         node_rank=node_rank, num_nodes=num_nodes, master_addr=master_addr,
@@ -409,284 +381,15 @@ def detect(environ: Mapping[str, str] | None = None, *, resolve: bool = True,
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# process group
-
-def default_backend() -> str:
-    import torch
-
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
-
-
-def init_distributed(env: ClusterEnv, backend: str | None = None, timeout_minutes: float = 30,
-                     *, force: bool = False) -> bool:
-    """Create the default process group for `env`. Returns True when a group exists afterwards.
-
-    No-op (False) for the ``single`` launcher unless ``force`` (a world-of-1 group, e.g. for FSDP
-    on one device). In every case it starts recording an early SIGUSR1 for the PreemptionHandler
-    built later (:func:`capture_early_preemption_signal`). Backend: `backend`, else nccl when CUDA is available, else gloo. Exports
-    MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE for srun-direct and single
-    launches (torchrun already set them), and binds the CUDA device to ``local_rank``.
-    """
-    import torch
-    import torch.distributed as dist
-
-    capture_early_preemption_signal()
-    if env.launcher == "single" and not force:
-        return False
-    if dist.is_initialized():
-        return True
-    backend = backend or default_backend()
-    if env.launcher != "torchrun":
-        os.environ.update(env.torch_env())
-    else:
-        for k, v in env.torch_env().items():
-            os.environ.setdefault(k, v)
-    if "nccl" in backend and torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        if env.local_rank >= n:
-            raise ClusterEnvError(
-                f"local_rank {env.local_rank} but only {n} CUDA devices visible on this node; "
-                "launch at most one process per GPU"
-            )
-        torch.cuda.set_device(env.local_rank)
-    logger.info("init_process_group(%s) %s", backend, env.describe())
-    timeout = timedelta(minutes=timeout_minutes)
-    store = _restart_store(env, timeout)
-    dist.init_process_group(
-        backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-        **({"store": store} if store is not None else {"init_method": "env://"}),
-    )
-    return True
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dist_tune.cluster head-address``: print this Slurm job's rendezvous address."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["head-address"]:
+        print("usage: python -m dist_tune.cluster head-address", file=sys.stderr)
+        return 2
+    print(head_address(os.environ))
+    return 0
 
 
-def _restart_store(env: ClusterEnv, timeout: timedelta):
-    """After a torchrun --max-restarts restart, a store whose keys are fresh; None otherwise (plain env://).
-
-    torchrun workers share the agent's TCPStore, which outlives a restart with the previous attempt's keys
-    (the peers' gloo/NCCL addresses) in it, so the restarted group connects to dead peers (pytorch#135712).
-    On one node every worker gets the same TORCHELASTIC_RESTART_COUNT, which then namespaces the keys;
-    across nodes the count is per agent and may differ, so multi-node restarts are left to torch."""
-    import torch.distributed as dist
-
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if (env.launcher != "torchrun" or env.num_nodes != 1 or restart in ("", "0")
-            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
-        return None
-    client = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dist_tune/restart_{restart}", client)
-
-
-def destroy_distributed() -> None:
-    """Destroy the default process group if there is one (safe to call twice)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        # Release the GIL for a moment before the caller drops the last references (e.g. DDP's Reducer) to the
-        # group: gloo's worker threads free finished work (and with it Python-created tensors, which needs the
-        # GIL) after the collective returned, while ~ProcessGroupGloo joins those threads with the GIL held --
-        # a rank exiting within the GIL switch interval of its last collective then hangs forever.
-        time.sleep(0.1)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------
-# preemption
-
-_early_signal: int | None = None
-
-
-def _early_handler(signum: int, frame: Any) -> None:
-    global _early_signal
-    if _early_signal is None:
-        _early_signal = signum
-
-
-def capture_early_preemption_signal(signals: Iterable[int] = (signal.SIGUSR1,)) -> bool:
-    """Record a preemption notice (SIGUSR1) that arrives before the trainer installs its
-    :class:`PreemptionHandler` (model loading, data preparation), instead of losing it (SIG_IGN,
-    inherited from the sbatch templates) or dying of it (default action). The next PreemptionHandler
-    picks it up. Only signals still at SIG_DFL/SIG_IGN are taken; SIGTERM is never captured here (a
-    process that never builds a handler must still terminate on it). Called by init_distributed()."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    taken = False
-    for s in signals:
-        if signal.getsignal(s) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            signal.signal(s, _early_handler)
-            taken = True
-    return taken
-
-
-class PreemptionHandler:
-    """Turns preemption signals into a flag that every rank acts on in the same step.
-
-    The constructor (or ``install()`` when built with ``install=False``) replaces the handlers of
-    `signals` (default SIGUSR1 and SIGTERM; add SIGINT with ``handle_sigint=True``, a second Ctrl-C
-    then raises KeyboardInterrupt) by one that only records the signal: no I/O, no collectives
-    inside a signal handler. ``uninstall()`` restores the previous handlers. The training loop calls
-    :meth:`should_stop` once per optimizer step; it all-reduces the flag (MAX) over the default
-    process group so that all ranks stop after the same step even if only some received the signal.
-    Then the trainer saves a checkpoint, waits for every rank, calls :meth:`requeue` (acts on rank 0
-    under Slurm only) and exits with :data:`PREEMPTED_EXIT_CODE` (0).
-
-    Usable as a context manager (installs / restores the previous handlers).
-    """
-
-    def __init__(self, env: ClusterEnv | None = None, signals: Iterable[int] | None = None, *,
-                 handle_sigint: bool = False, device: Any = None,
-                 on_signal: Callable[[int], None] | None = None, install: bool = True) -> None:
-        self.env = env
-        sigs = list(signals) if signals is not None else [signal.SIGUSR1, signal.SIGTERM]
-        if handle_sigint and signal.SIGINT not in sigs:
-            sigs.append(signal.SIGINT)
-        self.signals = sigs
-        self.device = device
-        self.on_signal = on_signal
-        self._flag = False
-        self._signum: int | None = None
-        self._agreed = False
-        self._previous: dict[int, Any] = {}
-        self._installed = False
-        self._requeued = False
-        if install and threading.current_thread() is threading.main_thread():
-            self.install()
-
-    # -- signals
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self._flag and self._signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self._flag = True
-        if self._signum is None:
-            self._signum = signum
-        if self.on_signal is not None:
-            self.on_signal(signum)
-
-    def install(self) -> PreemptionHandler:
-        """Install the handlers (done by the constructor unless install=False); idempotent."""
-        if self._installed:
-            return self
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionHandler.install() must run in the main thread")
-        global _early_signal
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        self._installed = True
-        if _early_signal is not None and _early_signal in self.signals:
-            logger.warning("preemption: %s arrived during startup", signal.Signals(_early_signal).name)
-            self._handle(_early_signal, None)
-        _early_signal = None
-        logger.debug("preemption handler installed for %s", [signal.Signals(s).name for s in self.signals])
-        return self
-
-    def uninstall(self) -> None:
-        if not self._installed:
-            return
-        for s, prev in self._previous.items():
-            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-        self._previous.clear()
-        self._installed = False
-
-    def __enter__(self) -> PreemptionHandler:
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.uninstall()
-
-    def trigger(self, signum: int = signal.SIGUSR1) -> None:
-        """Set the flag as if `signum` had arrived (tests, or a trainer-side time limit)."""
-        self._handle(signum, None)
-
-    @property
-    def received(self) -> bool:
-        """This process got a signal (local view; use should_stop() to decide)."""
-        return self._flag
-
-    @property
-    def signal_name(self) -> str | None:
-        return signal.Signals(self._signum).name if self._signum is not None else None
-
-    def _device(self, device: Any) -> Any:
-        import torch
-        import torch.distributed as dist
-
-        device = device if device is not None else self.device
-        if device is not None:
-            return torch.device(device)
-        if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def should_stop(self, device: Any = None) -> bool:
-        """True on every rank once any rank got a signal. A collective when a process group with
-        more than one rank exists: every rank must call it at the same point (once per step)."""
-        if self._agreed:
-            return True
-        flag = self._flag
-        try:
-            import torch.distributed as dist
-
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        except ImportError:  # pragma: no cover
-            distributed = False
-        if distributed:
-            import torch
-
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device(device))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        if flag:
-            self._agreed = True
-            who = f"got {self.signal_name}" if self._flag else "another rank got a signal"
-            logger.warning("preemption: %s; stopping after this step to checkpoint and requeue", who)
-        return flag
-
-    def requeue(self) -> bool:
-        """Rank 0 inside a Slurm job: ``scontrol requeue $SLURM_JOB_ID``. Returns True if requeued.
-
-        Never raises: a failure (no scontrol, job not requeueable, ...) is logged. Call it last,
-        after every rank has finished saving: Slurm kills the whole job as soon as it accepts."""
-        if self._requeued:
-            return True
-        env = self.env or detect()
-        job = env.slurm_job_id or _job_id(os.environ)
-        if not env.is_main:
-            return False
-        if not job:
-            logger.info("preemption: not inside a Slurm job, nothing to requeue")
-            return False
-        cmd = [shutil.which("scontrol") or "scontrol", "requeue", str(job)]
-        logger.warning("preemption: requeueing Slurm job %s: %s", job, " ".join(cmd))
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as e:
-            logger.error("preemption: %s failed: %s", " ".join(cmd), e)
-            return False
-        if res.returncode != 0:
-            logger.error("preemption: %s exited %s: %s", " ".join(cmd), res.returncode,
-                         (res.stderr or res.stdout).strip())
-            return False
-        self._requeued = True
-        return True
-
-
-def restart_count(environ: Mapping[str, str] | None = None) -> int:
-    """How many times Slurm has requeued this job (SLURM_RESTART_COUNT), 0 outside Slurm."""
-    environ = os.environ if environ is None else environ
-    return _int(environ, "SLURM_RESTART_COUNT", default=0) or 0
-
-
-__all__ = [
-    "ClusterEnv", "ClusterEnvError", "LAUNCHERS", "PREEMPTED_EXIT_CODE", "PreemptionHandler",
-    "barrier", "capture_early_preemption_signal", "default_backend", "destroy_distributed", "detect", "expand_nodelist", "hostnames",
-    "init_distributed", "parse_tasks_per_node", "port_from_job_id", "resolve_host", "restart_count",
-]
+if __name__ == "__main__":
+    sys.exit(main())

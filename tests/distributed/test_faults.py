@@ -26,7 +26,7 @@ def uninterrupted(runs_root):
 
 
 # Rendezvous: "static" is plain `torchrun --master_addr/--master_port` (conftest's), "standalone" is what
-# launch/torchrun_local.sh runs. Both keep one store across restarts (see cluster._restart_store).
+# launch/torchrun_local.sh runs. Both keep one store across restarts (see process_group._restart_store).
 RENDEZVOUS = {"static": [], "standalone": ["--standalone"]}
 # (rank killed, step after which it dies, checkpoint the restart resumes from, rendezvous)
 FAULTS = [(1, 5, 3, "static"),      # a non-zero rank, two steps of work lost since the step-3 checkpoint

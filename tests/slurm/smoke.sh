@@ -63,10 +63,9 @@ smoke_allreduce() {
 #!/bin/bash
 #SBATCH -N 2
 #SBATCH --ntasks-per-node=1
-HEAD_NODE=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n1)
-HEAD_ADDR=\$(scontrol show node "\$HEAD_NODE" | grep -oE 'NodeAddr=[^ ]+' | cut -d= -f2)
+HEAD_ADDR=\$("$PYTHON" -m dist_tune.cluster head-address)
 export HEAD_ADDR RDZV_PORT=\$(( 10000 + SLURM_JOB_ID % 50000 ))
-echo "head \$HEAD_NODE -> \$HEAD_ADDR:\$RDZV_PORT"
+echo "head \$HEAD_ADDR:\$RDZV_PORT"
 srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$PYTHON" -m torch.distributed.run --nnodes=\$SLURM_NNODES \
   --node-rank=\$SLURM_NODEID --nproc-per-node=2 --rdzv-id=\$SLURM_JOB_ID --rdzv-backend=c10d \
   --rdzv-endpoint=\$HEAD_ADDR:\$RDZV_PORT --rdzv-conf=is_host=\$(( SLURM_NODEID == 0 )) "$WORKER" allreduce'
@@ -101,8 +100,7 @@ smoke_preempt() {
 #SBATCH --requeue
 #SBATCH --open-mode=append
 echo "BATCH_START restart_count=\${SLURM_RESTART_COUNT:-0}"
-HEAD_NODE=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n1)
-HEAD_ADDR=\$(scontrol show node "\$HEAD_NODE" | grep -oE 'NodeAddr=[^ ]+' | cut -d= -f2)
+HEAD_ADDR=\$("$PYTHON" -m dist_tune.cluster head-address)
 export HEAD_ADDR RDZV_PORT=\$(( 10000 + SLURM_JOB_ID % 50000 ))
 on_usr1() { echo "BATCH_GOT_USR1 forwarding to srun \$SRUN_PID"; kill -USR1 "\$SRUN_PID"; }
 trap on_usr1 USR1

@@ -1,12 +1,10 @@
-"""dist_tune.cluster: launcher detection from env, Slurm syntax parsers, preemption flag."""
+"""dist_tune.cluster: launcher detection from env, Slurm syntax parsers, head address; launch/ and slurm/ scripts."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from dist_tune import cluster
 from dist_tune.cluster import (
     ClusterEnv,
     ClusterEnvError,
-    PreemptionHandler,
     detect,
     expand_nodelist,
     parse_tasks_per_node,
@@ -27,16 +24,6 @@ from dist_tune.cluster import (
 def _no_scontrol(monkeypatch):
     """Unit tests never talk to a real Slurm (a local test cluster may be up on this machine)."""
     monkeypatch.setattr(cluster, "_scontrol", lambda: None)
-
-
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    cluster._early_signal = None
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-    cluster._early_signal = None
 
 
 def _detect(env: dict[str, str], **kw) -> ClusterEnv:
@@ -179,6 +166,23 @@ def test_resolve_host():
     assert cluster.resolve_host("zz-no-such-host.invalid") == "zz-no-such-host.invalid"
 
 
+def test_head_address_is_the_first_node_of_the_step_else_the_job():
+    assert cluster.head_address({"SLURM_JOB_NODELIST": "gpu[07-08],x1"}, resolve=False) == "gpu07"
+    assert cluster.head_address({"SLURM_STEP_NODELIST": "gpu08", "SLURM_JOB_NODELIST": "gpu[07-08]"},
+                                resolve=False) == "gpu08"
+    assert cluster.head_address({}) == "127.0.0.1"
+
+
+def test_head_address_command_prints_the_resolved_first_node():
+    """What slurm/multi_node.sbatch and preemptible.sbatch run in the batch shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    run = subprocess.run([sys.executable, "-m", "dist_tune.cluster", "head-address"], capture_output=True, text=True,
+                         env={**env, "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost,gpu[1-2]"}, timeout=60)
+    assert (run.returncode, run.stdout) == (0, "localhost\n"), run.stderr
+    run = subprocess.run([sys.executable, "-m", "dist_tune.cluster"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "usage: python -m dist_tune.cluster head-address" in run.stderr
+
+
 def test_batch_script_is_not_a_rank(caplog):
     # python run straight from an sbatch script with --ntasks=2: no SLURM_STEP_ID -> single, with a warning
     env = _srun_env(SLURM_STEP_ID=None, SLURM_STEPID=None, SLURM_PROCID="0", SLURM_NTASKS="2")
@@ -285,169 +289,6 @@ def test_master_port_derivation():
     assert _detect({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).master_port == 29500
 
 
-# ------------------------------------------------------------------------------------------ preemption
-
-def test_preemption_flag_from_real_sigusr1():
-    before = signal.getsignal(signal.SIGUSR1)
-    with PreemptionHandler(ClusterEnv()) as h:
-        assert not h.should_stop() and not h.received
-        os.kill(os.getpid(), signal.SIGUSR1)
-        deadline = time.time() + 5
-        while not h.received and time.time() < deadline:
-            time.sleep(0.01)   # the Python-level handler runs between bytecodes of the main thread
-        assert h.received and h.signal_name == "SIGUSR1"
-        assert h.should_stop() and h.should_stop()   # sticky
-    assert signal.getsignal(signal.SIGUSR1) == before
-
-
-def test_constructor_installs_and_uninstall_restores():
-    before = signal.getsignal(signal.SIGTERM)
-    h = PreemptionHandler()          # how the trainer builds it: installed at once
-    try:
-        assert signal.getsignal(signal.SIGTERM) == h._handle
-        h.install()                  # idempotent: does not lose the original handler
-    finally:
-        h.uninstall()
-    assert signal.getsignal(signal.SIGTERM) == before
-    h2 = PreemptionHandler(install=False)
-    assert signal.getsignal(signal.SIGUSR1) != h2._handle
-
-
-def test_preemption_flag_from_sigterm_does_not_kill():
-    with PreemptionHandler() as h:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
-        assert h.should_stop() and h.signal_name == "SIGTERM"
-
-
-def test_early_sigusr1_is_kept_for_the_handler():
-    """USR1 during model loading (before the trainer builds its handler) is neither lost nor fatal."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)      # as inherited from the sbatch templates
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert cluster.capture_early_preemption_signal()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # SIGTERM is never captured early
-    os.kill(os.getpid(), signal.SIGUSR1)
-    time.sleep(0.05)
-    h = PreemptionHandler()
-    try:
-        assert h.received and h.signal_name == "SIGUSR1" and h.should_stop()
-    finally:
-        h.uninstall()
-    h2 = PreemptionHandler()                                      # consumed once
-    assert not h2.received
-    h2.uninstall()
-    # a handler someone else installed is left alone
-    mine = lambda s, f: None  # noqa: E731
-    signal.signal(signal.SIGUSR1, mine)
-    assert not cluster.capture_early_preemption_signal()
-    assert signal.getsignal(signal.SIGUSR1) is mine
-
-
-def test_preemption_sigint_optional():
-    with PreemptionHandler() as h:
-        assert signal.SIGINT not in h.signals
-    with PreemptionHandler(handle_sigint=True) as h:
-        h.trigger(signal.SIGINT)
-        assert h.should_stop()
-        with pytest.raises(KeyboardInterrupt):
-            h.trigger(signal.SIGINT)   # second Ctrl-C: really stop
-
-
-def test_preemption_should_stop_single_process_group():
-    """With a (world-of-1, gloo) process group should_stop() goes through the all-reduce path."""
-    import torch.distributed as dist
-
-    env = ClusterEnv(master_port=cluster.port_from_job_id(os.getpid() % 40000 + 5000))
-    assert cluster.init_distributed(env, force=True)
-    try:
-        h = PreemptionHandler(env, install=False)
-        assert not h.should_stop(device="cpu")
-        h.trigger()
-        assert h.should_stop()
-        assert dist.is_initialized()
-    finally:
-        cluster.destroy_distributed()
-    assert not dist.is_initialized()
-    cluster.destroy_distributed()  # twice is fine
-
-
-def test_init_distributed_single_is_noop():
-    assert cluster.init_distributed(ClusterEnv()) is False
-
-
-def test_requeue(monkeypatch, caplog):
-    calls = []
-
-    def fake_run(cmd, **kw):
-        calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(cluster.subprocess, "run", fake_run)
-    # not in slurm
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv("SLURM_JOBID", raising=False)
-    assert PreemptionHandler(ClusterEnv(), install=False).requeue() is False and calls == []
-    # not rank 0
-    assert PreemptionHandler(ClusterEnv(rank=1, world_size=2, slurm_job_id="42"), install=False).requeue() is False
-    assert calls == []
-    # rank 0 in slurm
-    assert PreemptionHandler(ClusterEnv(world_size=2, slurm_job_id="42"), install=False).requeue() is True
-    assert calls[-1][1:] == ["requeue", "42"]
-
-
-def test_requeue_failure_is_logged_not_raised(monkeypatch, caplog):
-    def failing(cmd, **kw):
-        return subprocess.CompletedProcess(cmd, 1, "", "scontrol: error: Requested operation is presently disabled")
-
-    monkeypatch.setattr(cluster.subprocess, "run", failing)
-    assert PreemptionHandler(ClusterEnv(slurm_job_id="42"), install=False).requeue() is False
-    assert "presently disabled" in caplog.text
-
-    def missing(cmd, **kw):
-        raise FileNotFoundError(cmd[0])
-
-    monkeypatch.setattr(cluster.subprocess, "run", missing)
-    assert PreemptionHandler(ClusterEnv(slurm_job_id="42"), install=False).requeue() is False
-
-
-def test_restart_count():
-    assert cluster.restart_count({}) == 0
-    assert cluster.restart_count({"SLURM_RESTART_COUNT": "2"}) == 2
-
-
-_TWO_RANK_SCRIPT = r"""
-import os, signal, sys, time
-from dist_tune import cluster
-env = cluster.detect()
-cluster.init_distributed(env, backend="gloo", timeout_minutes=1)
-h = cluster.PreemptionHandler(env)
-if env.rank == 1:
-    os.kill(os.getpid(), signal.SIGUSR1)
-    time.sleep(0.05)
-stops = [h.should_stop() for _ in range(2)]
-print(f"rank{env.rank} received={h.received} stops={stops}", flush=True)
-cluster.destroy_distributed()
-"""
-
-
-def test_should_stop_agrees_across_two_ranks(tmp_path):
-    """Only rank 1 gets SIGUSR1; both ranks see should_stop() True in the same step (gloo, 2 procs)."""
-    script = tmp_path / "two.py"
-    script.write_text(_TWO_RANK_SCRIPT)
-    port = 20000 + os.getpid() % 20000
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    procs = []
-    for r in range(2):
-        e = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    assert "rank0 received=False stops=[True, True]" in outs[0], outs
-    assert "rank1 received=True stops=[True, True]" in outs[1], outs
-
-
 # ------------------------------------------------------------------------- launch/ and slurm/ scripts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -485,7 +326,10 @@ def test_torchrun_multinode_dry_run():
     assert "--nnodes=1:4" in r.stdout and "h:1234" in r.stdout and "is_host" not in r.stdout
 
 
-@pytest.mark.parametrize("name", ["single_node", "multi_node", "preemptible", "cpu_debug"])
+GPU_TEMPLATES = ["single_node", "multi_node", "preemptible"]
+
+
+@pytest.mark.parametrize("name", [*GPU_TEMPLATES, "cpu_debug"])
 def test_sbatch_templates_parse_and_document_usage(name):
     path = REPO / "slurm" / f"{name}.sbatch"
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -496,5 +340,40 @@ def test_sbatch_templates_parse_and_document_usage(name):
         for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "#SBATCH --open-mode=append"):
             assert line in text
     if name in ("multi_node", "preemptible"):
-        assert "NCCL_SOCKET_IFNAME" in text and "NCCL_IB_HCA" in text
-        assert "scontrol show hostnames" in text and "SLURM_NODEID" in text
+        assert "NCCL_SOCKET_IFNAME" in text and "NCCL_IB_HCA" in text and "SLURM_NODEID" in text
+        assert '"$PYTHON" -m dist_tune.cluster head-address' in text and "scontrol show node" not in text
+    if name in GPU_TEMPLATES:   # whole GPU nodes by default; the GPU count from launch/common.sh
+        for line in ("#SBATCH --cpus-per-task=32\n", "#SBATCH --mem=0\n", "#SBATCH --exclusive\n"):
+            assert line in text
+        assert 'source "$ROOT/launch/common.sh"' in text and "$(gpu_count)" in text
+        assert "SLURM_GPUS_ON_NODE" not in text
+    else:
+        assert "#SBATCH --cpus-per-task=1\n" in text and "--exclusive" not in text and "--mem" not in text
+
+
+def _fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
+    """A batch shell's environment on a node with 4 visible GPUs and 32 CPUs, with `srun` printing its environment."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $1 NPROC=$NPROC_PER_NODE HEAD=$HEAD_ADDR:$RDZV_PORT '
+                                  'OMP=$OMP_NUM_THREADS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("NPROC_PER_NODE", "GPUS_PER_NODE", "OMP_NUM_THREADS")}
+    return {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(REPO),
+            "SLURM_JOB_ID": "123", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost,gpu2",
+            "SLURM_CPUS_PER_TASK": "32", "CUDA_VISIBLE_DEVICES": "0,1,2,3", **env}
+
+
+def test_multi_node_sbatch_takes_gpus_from_gpu_count_and_head_from_dist_tune(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "slurm/multi_node.sbatch"), "cfg.yaml"], env=_fake_slurm(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "srun --nodes=2 NPROC=4 HEAD=localhost:10123 OMP=8" in r.stdout, r.stdout
+
+
+def test_single_node_sbatch_without_launch_dir_says_how_to_fix(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "slurm/single_node.sbatch")], capture_output=True, text=True, timeout=60,
+                       env=_fake_slurm(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path)))
+    assert r.returncode == 2
+    assert f"no launch/common.sh under {tmp_path}: submit from the dist_tune checkout or set DIST_TUNE_ROOT" in r.stderr
