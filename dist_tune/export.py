@@ -1,6 +1,7 @@
 """Offline (single-process) consolidation of any engine's checkpoint, loading trained runs, adapter merging."""
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -10,9 +11,12 @@ from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config, config_from_dict, read_yaml
 from dist_tune.engines.parallelize import load_trainable_state
 from dist_tune.errors import UserError
-from dist_tune.models import load_model, load_tokenizer
-from dist_tune.peft import is_peft_model
-from dist_tune.run import build_model
+from dist_tune.models import load_model, load_tokenizer, qlora_compute_dtype
+from dist_tune.peft import build_model, is_peft_model
+
+# what each peft method learns that is not a weight of the base model, so cannot be merged into it
+UNMERGEABLE = {"prefix_tuning": "per-layer prefix key/values", "prompt_tuning": "virtual input tokens",
+               "adapter": "adaption prompts"}
 
 
 def run_config(run_dir: Path) -> Config:
@@ -70,8 +74,20 @@ def export_checkpoint(run_dir: Path, out_dir: Path | None = None, checkpoint: Pa
     return out
 
 
-def load_trained(run_dir: Path) -> tuple[Config, torch.nn.Module, object]:
-    """The final model of a run (base + adapter for peft runs), in eval mode."""
+def unquantised_base(cfg: Config) -> Config:
+    """The config of the base an adapter is merged into: a QLoRA run's base without 4-bit quantisation, in the
+    16-bit dtype it computed in (merging into NF4 weights would round the merged weights back to 4 bits)."""
+    if not cfg.peft.load_in_4bit:
+        return cfg
+    base = copy.deepcopy(cfg)
+    base.peft.load_in_4bit = False
+    base.model.dtype = str(qlora_compute_dtype(cfg)).removeprefix("torch.")
+    return base
+
+
+def load_trained(run_dir: Path, *, unquantised: bool = False) -> tuple[Config, torch.nn.Module, object]:
+    """The final model of a run (base + adapter for peft runs), in eval mode; unquantised: a QLoRA adapter goes
+    on the unquantised base (see `unquantised_base`)."""
     cfg = run_config(run_dir)
     final = Path(run_dir) / "final"
     if not final.is_dir():
@@ -81,7 +97,8 @@ def load_trained(run_dir: Path) -> tuple[Config, torch.nn.Module, object]:
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_model(cfg, tokenizer), str(final))
+        base = load_model(unquantised_base(cfg) if unquantised else cfg, tokenizer)
+        model = PeftModel.from_pretrained(base, str(final))
     else:
         cfg.model.name_or_path = str(final)
         model = load_model(cfg, tokenizer)
@@ -90,7 +107,12 @@ def load_trained(run_dir: Path) -> tuple[Config, torch.nn.Module, object]:
 
 def merge_adapter(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Fold a peft adapter into the base weights and save a plain transformers model."""
-    _, model, tokenizer = load_trained(run_dir)
+    method = run_config(run_dir).peft.method
+    if method in UNMERGEABLE:
+        raise UserError(f"peft.method={method} learns {UNMERGEABLE[method]}, not changes to base weights, so it "
+                        f"cannot be merged; use the adapter as is: PeftModel.from_pretrained(base_model, "
+                        f"'{Path(run_dir) / 'final'}') or `dist-tune generate {run_dir} PROMPT`")
+    _, model, tokenizer = load_trained(run_dir, unquantised=True)
     if not is_peft_model(model):
         raise UserError(f"run '{run_dir}' has no adapter to merge (peft.method was full or freeze); "
                         "its final/ directory is already a plain model")

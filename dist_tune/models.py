@@ -1,6 +1,7 @@
 """Model and tokenizer loading: a local HF directory, or a named random-init preset with the shipped tokenizer."""
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from transformers import (
 )
 
 from dist_tune import attention
-from dist_tune.config import Config, flattened, uses_target_logits
+from dist_tune.config import (Config, bf16_device, flattened, resolve_padding_free, resolve_precision,
+                              uses_target_logits)
 from dist_tune.errors import UserError
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -96,9 +98,20 @@ def attention_implementation(cfg: Config) -> str:
     return cfg.model.attn_implementation
 
 
+def attention_window(hf_cfg) -> int | None:
+    """The model's sliding attention window in tokens (None: full attention)."""
+    return getattr(hf_cfg, "sliding_window", None) if getattr(hf_cfg, "use_sliding_window", True) else None
+
+
+def settle_padding_free(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """data.padding_free=auto → true or false for this model (its attention window is in its config); run it
+    before any collator is built. load_model settles it too, for callers that load a model first."""
+    resolve_padding_free(cfg, attention_window(model_config(cfg, tokenizer)))
+
+
 def check_sliding_window(cfg: Config, hf_cfg) -> None:
     """Padding-free rows attend causally within each example; a window shorter than an example would be ignored."""
-    window = getattr(hf_cfg, "sliding_window", None) if getattr(hf_cfg, "use_sliding_window", True) else None
+    window = attention_window(hf_cfg)
     if flattened(cfg) and window and window < cfg.data.max_length:
         raise UserError(f"model '{cfg.model.name_or_path}' uses sliding-window attention ({window} tokens), which "
                         f"padding-free rows do not apply; set data.max_length<={window} or data.padding_free=false "
@@ -112,15 +125,29 @@ def check_logits_to_keep(cfg: Config, model: torch.nn.Module) -> None:
                         "set train.target_logits_only=false")
 
 
+def model_dtype(cfg: Config, device: torch.device | str) -> torch.dtype:
+    """model.dtype; `auto` (only left in configs that no run resolved) as it resolves on `device`."""
+    if cfg.model.dtype == "auto":
+        return DTYPES[resolve_precision(copy.deepcopy(cfg), bf16_device(device)).model.dtype]
+    return DTYPES[cfg.model.dtype]
+
+
+def qlora_compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype a 4-bit base computes in (and an unquantised copy of it is merged in): model.dtype when it is
+    16-bit, else bfloat16."""
+    return DTYPES[cfg.model.dtype] if cfg.model.dtype in ("bfloat16", "float16") else torch.bfloat16
+
+
 def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the preset (seeded random init) or load local weights, in model.dtype, on `device`."""
     hf_cfg = model_config(cfg, tokenizer)
+    resolve_padding_free(cfg, attention_window(hf_cfg))
     check_sliding_window(cfg, hf_cfg)
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = model_dtype(cfg, device)
     auto = auto_class(cfg.model.task)
     torch.manual_seed(cfg.train.seed)
     if cfg.peft.load_in_4bit:
-        return load_4bit(cfg, hf_cfg, auto, dtype)
+        return load_4bit(cfg, hf_cfg, auto)
     with torch.device(device):
         if cfg.model.name_or_path in PRESETS or torch.device(device).type == "meta":  # meta: weights come later
             model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
@@ -131,7 +158,7 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
     return model
 
 
-def load_4bit(cfg: Config, hf_cfg, auto, dtype: torch.dtype) -> torch.nn.Module:
+def load_4bit(cfg: Config, hf_cfg, auto) -> torch.nn.Module:
     """QLoRA base: NF4 weights with double quantisation via bitsandbytes, on this process's GPU."""
     if not torch.cuda.is_available():
         raise UserError("peft.load_in_4bit (QLoRA) needs a CUDA GPU; set peft.load_in_4bit=false on this machine")
@@ -142,7 +169,7 @@ def load_4bit(cfg: Config, hf_cfg, auto, dtype: torch.dtype) -> torch.nn.Module:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    compute = dtype if dtype != torch.float32 else torch.bfloat16
+    compute = qlora_compute_dtype(cfg)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
     if cfg.model.name_or_path in PRESETS:

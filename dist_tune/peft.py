@@ -7,7 +7,7 @@ import torch
 
 from dist_tune.config import Config
 from dist_tune.errors import UserError
-from dist_tune.models import count_parameters, decoder_layers
+from dist_tune.models import count_parameters, decoder_layers, load_model
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +85,8 @@ def apply_peft(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
+
+
+def build_model(cfg: Config, tokenizer, device: torch.device) -> torch.nn.Module:
+    """The configured model with its peft method applied, built on `device`."""
+    return apply_peft(load_model(cfg, tokenizer, device=device), cfg)

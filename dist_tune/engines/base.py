@@ -10,22 +10,12 @@ import torch
 import torch.distributed as dist
 
 from dist_tune.cluster import ClusterEnv
-from dist_tune.config import Config
+from dist_tune.config import Config, bf16_device, resolve_precision
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(cfg: Config, env: ClusterEnv) -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is present (unless train.device says otherwise), else CPU."""
-    wanted = cfg.train.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda":
-        return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
-    return torch.device(wanted)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -46,10 +36,15 @@ class Engine:
     name = "base"
     shards_state = False
 
-    def __init__(self, cfg: Config, env: ClusterEnv):
+    def __init__(self, cfg: Config, env: ClusterEnv, device: torch.device):
+        """`device`: this rank's device, chosen once by process_group.select_device. The engine is the
+        first thing a run builds, so `auto` model.dtype / engine.mixed_precision settle here for that device."""
         self.cfg = cfg
         self.env = env
-        self.device = pick_device(cfg, env)
+        self.device = device
+        resolve_precision(cfg, bf16_device(device))
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -79,15 +74,18 @@ class Engine:
         with self.autocast():
             return self.model(**batch)
 
-    def loss_scale(self) -> float:
-        """Factor undoing the averaging the backend applies, so a globally normalised loss stays global."""
+    def grad_sum_factor(self) -> float:
+        """What the loss is multiplied by so the backend's gradient average over ranks becomes a sum (the loss
+        is already normalised by the global target count)."""
         return 1.0
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss * self.loss_scale()
+        """Backpropagate one micro-batch's loss, accumulating gradients; the update happens in step()."""
+        loss = loss * self.grad_sum_factor()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def no_sync(self, is_last_micro_step: bool):
+        """Context for one micro-batch's forward and backward: gradients are synchronised only on the last."""
         return contextlib.nullcontext()
 
     def clip_and_norm(self) -> torch.Tensor:

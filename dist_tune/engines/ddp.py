@@ -17,7 +17,7 @@ class DDPEngine(SingleEngine):
     def unwrap(self) -> torch.nn.Module:
         return self.model.module
 
-    def loss_scale(self) -> float:
+    def grad_sum_factor(self) -> float:
         return float(self.env.world_size)
 
     def no_sync(self, is_last_micro_step: bool):

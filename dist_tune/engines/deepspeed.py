@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,25 @@ def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
     return conf
 
 
+def _fp32_master_weights(module: torch.nn.Module):
+    """(state-dict keys, full fp32 master tensor) of each trainable parameter DeepSpeed's optimizer holds a master
+    copy of (all ranks must iterate: each tensor is gathered)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    keys: dict[torch.nn.Parameter, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):  # tied weights: one parameter, several keys
+        keys.setdefault(p, []).append(name)
+    for p, names in keys.items():
+        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if master is not None:
+            yield names, master
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, env) -> None:
-        super().__init__(cfg, env)
+    def __init__(self, cfg: Config, env, device: torch.device) -> None:
+        super().__init__(cfg, env, device)
         self.scaler = None  # DeepSpeed's fp16 optimizer does its own loss scaling
         ds_config(cfg, env.world_size, hidden_size=1024)  # fail fast on a JSON that contradicts the config
 
@@ -85,14 +100,20 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         apply_common(model, self.cfg)
+        self.saved_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
         hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
         self.ds_config = ds_config(self.cfg, self.env.world_size, hidden)
         optimizer = optimizer_factory(param_groups(model, self.cfg.optim.weight_decay))
         scheduler = scheduler_factory(optimizer)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
+            dist_init_required=False, args=SimpleNamespace(device_rank=self.device_rank()))
         self.scheduler = self.scheduler or scheduler
+
+    def device_rank(self) -> int:
+        """The GPU index this process was given (DeepSpeed would take LOCAL_RANK, wrong under `srun
+        --gpus-per-task=1`, where each task sees one GPU); LOCAL_RANK on CPU, where -1 would mean world size 1."""
+        return self.device.index if self.device.type == "cuda" else self.env.local_rank
 
     def unwrap(self) -> torch.nn.Module:
         return self.model.module
@@ -103,16 +124,25 @@ class DeepSpeedEngine(Engine):
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**batch)
 
+    def grad_sum_factor(self) -> float:
+        return float(self.env.world_size)
+
+    def no_sync(self, is_last_micro_step: bool):
+        """DeepSpeed reduces (ZeRO-1) and may update only at the accumulation boundary it is told about."""
+        self.model.set_gradient_accumulation_boundary(is_last_micro_step)
+        return super().no_sync(is_last_micro_step)
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.model.backward(loss * self.env.world_size, scale_wrt_gas=False)
-        self.model.step()
+        self.model.backward(loss * self.grad_sum_factor(), scale_wrt_gas=False)
 
     @property
     def handles_overflow(self) -> bool:
         return self.cfg.engine.mixed_precision == "fp16"
 
     def step(self, skip: bool = False) -> float:
-        """The update already ran inside the last micro-step's engine.step(); report its grad norm."""
+        """DeepSpeed clips, steps optimizer and scheduler and zeroes the gradients at the boundary set for the last
+        micro-batch; returns its grad norm. It cannot skip an update: `skip` relies on its own fp16 overflow check."""
+        self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -134,11 +164,20 @@ class DeepSpeedEngine(Engine):
                             "remove it or set train.resume=none")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full state on rank 0, each tensor in the dtype it had before DeepSpeed cast the module (as the
+        other engines save it). Trainable weights come from DeepSpeed's fp32 master, not the module, which holds a
+        rounded bf16/fp16 copy under mixed precision; frozen weights and buffers from the module (gathered under
+        ZeRO-3). Collective: every rank calls it."""
         if self.cfg.engine.zero_stage == 3:
-            return self.model._zero3_consolidated_16bit_state_dict()
-        if self.env.rank != 0:
+            state = self.model._zero3_consolidated_16bit_state_dict()
+        else:
+            state = {k: v.detach().cpu() for k, v in self.unwrap().state_dict().items()} if self.env.rank == 0 else None
+        for keys, master in _fp32_master_weights(self.unwrap()):
+            if state is not None:
+                state.update(dict.fromkeys(keys, master.cpu()))
+        if state is None:
             return None
-        return {k: v.detach().cpu() for k, v in self.unwrap().state_dict().items()}
+        return {k: v.to(self.saved_dtypes.get(k, v.dtype)) for k, v in state.items()}
 
     def local_state_bytes(self) -> dict[str, int]:
         params = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in self.unwrap().parameters())

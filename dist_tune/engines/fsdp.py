@@ -41,8 +41,21 @@ def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+def placement(device: torch.device, cpu_offload: bool) -> tuple[torch.device, torch.device]:
+    """(parameter device, buffer device). Offloaded parameters live on the CPU and FSDP copies each unit to
+    the GPU for compute; buffers (e.g. rotary inv_freq) are not FSDP's to move, so they stay on `device`."""
+    return (torch.device("cpu") if cpu_offload else device), device
+
+
+def move_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
+
+
 def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Buffers are neither sharded nor all saved (e.g. rotary inv_freq); copy rank 0's to the meta-built ranks."""
+    """Buffers are neither sharded nor all saved (e.g. rotary inv_freq); copy rank 0's to the meta-built ranks,
+    on the buffers' own device (the GPU, over NCCL, with or without CPU offload)."""
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
@@ -51,8 +64,8 @@ class FSDPEngine(Engine):
     name = "fsdp"
     shards_state = True
 
-    def __init__(self, cfg, env):
-        super().__init__(cfg, env)
+    def __init__(self, cfg, env, device):
+        super().__init__(cfg, env, device)
         if cfg.engine.cpu_offload and self.device.type != "cuda":
             raise UserError("engine.cpu_offload moves FSDP shards from GPU to host memory, and this run has no GPU; "
                             "unset engine.cpu_offload")
@@ -67,13 +80,14 @@ class FSDPEngine(Engine):
         apply_common(model, self.cfg)
         apply_fsdp(model, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
                    reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload)
-        target = torch.device("cpu") if self.cfg.engine.cpu_offload else self.device
+        param_device, buffer_device = placement(self.device, self.cfg.engine.cpu_offload)
         if self.env.rank == 0:
-            model.to(target)
+            model.to(param_device)
         else:
-            model.to_empty(device=target)
+            model.to_empty(device=param_device)
         set_model_state_dict(model, full_state or {}, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True, cpu_offload=self.cfg.engine.cpu_offload, strict=False))
+        move_buffers(model, buffer_device)  # after loading: the state dict must sit on one device
         broadcast_buffers(model)
         self.model = model
         self.optimizer = optimizer_factory(param_groups(model, self.cfg.optim.weight_decay))
@@ -82,7 +96,7 @@ class FSDPEngine(Engine):
     def autocast(self):
         return contextlib.nullcontext()
 
-    def loss_scale(self) -> float:
+    def grad_sum_factor(self) -> float:
         return float(self.env.world_size)
 
     def no_sync(self, is_last_micro_step: bool):

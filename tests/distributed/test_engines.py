@@ -1,5 +1,6 @@
 """Parity of every engine with single-device training (2 gloo ranks, fp32), resume after a SIGKILL,
-per-rank memory of sharded engines, and exports that reload in plain transformers."""
+per-rank memory of sharded engines, and exports that reload in plain transformers. The engines run the default
+padding-free rows, the single-device reference padded rows, so parity also shows the two give the same training."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,14 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY, dist_tune, read_metrics
 from dist_tune.config import load_config
 from dist_tune.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.slow
 
 # Loss trajectories agree to this relative tolerance (fp32; reduction order differs between engines).
 RTOL = 1e-4
@@ -51,9 +55,10 @@ def method(request):
 
 @pytest.fixture(scope="module")
 def reference(runs_root, method):
-    """Single device, micro-batch 8: the same 16 sequences per step as 2 ranks × micro-batch 4."""
+    """Single device, micro-batch 8 of padded rows: the same 16 sequences per step as 2 ranks × micro-batch 4."""
     name = f"single-{method}"
-    dist_tune("train", *common(runs_root, name), *METHODS[method], "--train.micro_batch_size=8")
+    dist_tune("train", *common(runs_root, name), *METHODS[method], "--train.micro_batch_size=8",
+              "--data.padding_free=false")
     return runs_root / name
 
 
@@ -80,10 +85,10 @@ def test_loss_trajectory_matches_single_device_after_kill_and_resume(engine_run,
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
-def test_padding_free_rows_on_parallel_engines_match_padded_single_device(engine, runs_root, method, reference):
-    """Each rank's micro-batch is one concatenated row (varlen attention); losses equal padded single device."""
-    name = f"{engine}-{method}-padding-free"
-    dist_tune("train", *common(runs_root, name), *ENGINES[engine], *METHODS[method], "--data.padding_free=true",
+def test_padded_rows_on_parallel_engines_match_padded_single_device(engine, runs_root, method, reference):
+    """data.padding_free=false: each rank's micro-batch is padded rows again; losses equal padded single device."""
+    name = f"{engine}-{method}-padded"
+    dist_tune("train", *common(runs_root, name), *ENGINES[engine], *METHODS[method], "--data.padding_free=false",
               "--checkpoint.save_steps=null", nproc=2)
     expected, got = read_metrics(reference), read_metrics(runs_root / name)
     assert got.keys() == expected.keys()
@@ -139,3 +144,15 @@ def test_fsdp_starts_from_a_local_pretrained_directory(runs_root):
     single, fsdp = read_metrics(runs_root / "from-dir-single"), read_metrics(runs_root / "from-dir-fsdp")
     assert fsdp[1] == pytest.approx(single[1], rel=1e-5)
     assert single[1] < 7.0  # the trained weights were loaded, not a fresh init (≈ ln(1606) = 7.38)
+
+
+def test_bf16_zero2_saves_the_fp32_master_weights(runs_root):
+    """Under bf16 DeepSpeed trains a bf16 copy of the module against fp32 master weights; final/ must hold the
+    master in the model's float32 (a bf16 copy cast up would have every value exactly representable in bf16)."""
+    name = "zero2-bf16"
+    dist_tune("train", *common(runs_root, name), *ENGINES["zero2"], "--engine.mixed_precision=bf16",
+              "--train.max_steps=3", "--checkpoint.save_steps=null", nproc=2)
+    saved = load_file(runs_root / name / "final" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    weights = torch.cat([t.flatten() for k, t in saved.items() if k.endswith("proj.weight")])
+    assert (weights != weights.bfloat16().float()).float().mean() > 0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from helpers import TINY, dist_tune, read_metrics
 
@@ -15,6 +16,7 @@ VARIANTS = {
     "padded_target_logits": ["--data.padding_free=false"],
     "padding_free": ["--data.padding_free=true"],
     "padding_free_all_logits": ["--data.padding_free=true", "--train.target_logits_only=false"],
+    "default": [],
 }
 
 
@@ -37,6 +39,12 @@ def test_every_variant_trains_exactly_like_padded_rows(runs):
         for step, loss in reference.items():
             assert losses[step] == pytest.approx(loss, rel=1e-4), (name, step)
         assert summary["final_eval_loss"] == pytest.approx(eval_reference, rel=1e-4), name
+
+
+def test_the_default_run_is_the_padding_free_one(runs):
+    run_dir, _ = runs["default"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["padding_free"] is True
+    assert read_metrics(run_dir) == read_metrics(runs["padding_free"][0])
 
 
 def test_padding_free_counts_examples_not_rows(runs):
@@ -63,3 +71,22 @@ def test_packed_rows_train_and_reload(runs_root):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     evaluated = json.loads(dist_tune("eval", str(runs_root / name)).stdout.strip().splitlines()[-1])
     assert evaluated["eval/loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+
+
+def test_default_run_of_a_sliding_window_model_is_padded_and_says_why(tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from dist_tune.config import Config
+    from dist_tune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(Config())
+    model_dir = tmp_path / "mistral"
+    AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, sliding_window=16)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    proc = dist_tune("train", *TINY, f"--model.name_or_path={model_dir}", "--train.max_steps=2",
+                     f"--train.output_dir={tmp_path}", "--train.run_name=window")
+    assert ("data.padding_free=auto is off: the model's sliding attention window (16 tokens) is shorter than "
+            "data.max_length=64") in proc.stderr
+    assert yaml.safe_load((tmp_path / "window" / "config.yaml").read_text())["data"]["padding_free"] is False

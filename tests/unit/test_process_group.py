@@ -101,3 +101,17 @@ def test_world_of_one_under_torchrun_builds_ddp_and_fsdp_but_a_plain_process_is_
     assert engine.name == kind
     with pytest.raises(UserError, match=f"engine.kind={kind} needs a process group; launch with torchrun"):
         build_engine(cfg, ClusterEnv(), torch.device("cpu"))
+
+
+def test_deepspeed_uses_the_chosen_gpu_not_local_rank(gpus, monkeypatch):
+    """srun --gpus-per-task=1: local rank 5 sees one GPU, so DeepSpeed must be told cuda:0, not LOCAL_RANK=5."""
+    from dist_tune.config import load_config
+    from dist_tune.engines.deepspeed import DeepSpeedEngine
+
+    gpus(1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    env = rank(5, 8)
+    cfg = load_config(overrides={"engine.kind": "deepspeed", "engine.mixed_precision": "fp32", "model.dtype": "float32"})
+    assert DeepSpeedEngine(cfg, env, select_device("auto", env)).device_rank() == 0
+    assert DeepSpeedEngine(cfg, env, torch.device("cpu")).device_rank() == 5
