@@ -145,7 +145,6 @@ def formula(engine: str, precision: str, world: int, n: int, trainable: int) -> 
 
 
 def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root: Path) -> dict:
-    from dist_tune.cli import resolve_recipe
     from dist_tune.config import load_config
     from dist_tune.estimate import GIB, estimate
 
@@ -177,7 +176,7 @@ def one_run(args: argparse.Namespace, model: str, engine: str, method: str, root
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rss = [r["train/peak_rss_gib"] for r in records if "train/peak_rss_gib" in r]
 
-    cfg = load_config(resolve_recipe(None), overrides)  # the config the CLI resolved
+    cfg = load_config(None, overrides)  # the config the CLI resolved (overrides without a recipe: library defaults)
     e = estimate(cfg, args.world_size)
     f = formula(engine, args.mixed_precision, args.world_size, e.params, e.trainable)
     measured = {"params": summary["param_bytes"], "optimizer": summary["optim_bytes"]}

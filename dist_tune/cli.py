@@ -2,40 +2,76 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import fire
 
-from dist_tune.config import Config, dump_config, load_config
+from dist_tune.config import Config, changed_values, dump_config, load_with_sources
 from dist_tune.errors import UserError
 from dist_tune.cluster import detect
 from dist_tune.metrics import rank_logging
 
+log = logging.getLogger(__name__)
+
 RECIPES = Path(__file__).parent / "recipes"
-DEFAULT_RECIPE = "demo"
+DEMO = "demo"
 
 
-def resolve_recipe(config: str | None) -> Path:
-    """A YAML path, or the name of a packaged recipe (demo, ...); none means the demo."""
-    if config is None:
-        return RECIPES / f"{DEFAULT_RECIPE}.yaml"
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def resolve_recipe(config: str) -> Path:
+    """A YAML path, or the name of a packaged recipe (`recipe_names`)."""
     packaged = RECIPES / f"{config}.yaml"
     if not Path(config).exists() and packaged.is_file():
         return packaged
+    if not Path(config).is_file():
+        raise UserError(f"config file '{config}' not found and not a packaged recipe ({', '.join(recipe_names())}); "
+                        "pass an existing YAML file or a recipe name")
     return Path(config)
 
 
+def _load(config: str | None, overrides: dict) -> tuple[Config, dict[str, str]]:
+    """The config and the source of each key set. No config and no overrides is the demo; with overrides alone
+    the base is the library defaults."""
+    if config is None and not overrides:
+        config = DEMO
+    if config is None:
+        return load_with_sources(None, overrides)
+    path = resolve_recipe(str(config))
+    return load_with_sources(path, overrides, f"recipe {config}" if path.parent == RECIPES else str(path))
+
+
 def _config(config: str | None, overrides: dict) -> Config:
-    return load_config(resolve_recipe(config), overrides)
+    return _load(config, overrides)[0]
 
 
-def train(config: str | None = None, **overrides) -> None:
-    """Train. CONFIG is a YAML file or packaged recipe; overrides like --optim.lr=1e-4."""
+def _flag(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def train(config: str | None = None, *, dry_run: bool = False, **overrides) -> None:
+    """Train. CONFIG is a YAML file or packaged recipe (with no arguments at all: the demo); overrides like
+    --optim.lr=1e-4. --dry_run prints the plan (world size, batch, steps, memory, run dir, W&B) and exits."""
+    cfg, sources = _load(config, overrides)
+    changes = changed_values(cfg, sources)
+    if _flag(dry_run):
+        from dist_tune.plan import format_plan, layout, plan
+
+        if detect(resolve=False).rank == 0:  # under torchrun/srun the other ranks have nothing to add
+            print(format_plan(plan(cfg, changes, layout())))
+        return
     from dist_tune.run import train as run_train
 
-    summary = run_train(_config(config, overrides))
+    log.info("config: %s", f"{len(changes)} values differ from the library defaults" if changes
+             else "the library defaults")
+    for line in changes:
+        log.info("config: %s", line)
+    summary = run_train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, default=str))
 
@@ -45,11 +81,12 @@ def show_config(config: str | None = None, **overrides) -> None:
     print(dump_config(_config(config, overrides)), end="")
 
 
-def eval(run_dir: str, **overrides) -> None:  # noqa: A001 - the command is called eval
-    """Evaluate a finished run's final model on its validation data (overrides like --data.validation_path=...)."""
+def eval(run_dir: str, generate: bool = False, **overrides) -> None:  # noqa: A001 - the command is called eval
+    """Evaluate a finished run's final model on its validation data (overrides like --data.validation_path=...);
+    --generate adds generation metrics over eval.generate_samples prompts (e.g. --eval.generate_samples=32)."""
     from dist_tune.evaluate import evaluate_run
 
-    print(json.dumps(evaluate_run(Path(run_dir), overrides)))
+    print(json.dumps(evaluate_run(Path(run_dir), overrides, generate=_flag(generate))))
 
 
 def generate(run_dir: str, prompt: str, input: str = "", max_new_tokens: int = 64,  # noqa: A002

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +15,8 @@ import yaml
 
 from dist_tune.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(UserError):
     """A problem with the user's configuration; its message is one actionable line."""
@@ -21,22 +25,46 @@ class ConfigError(UserError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny-llama"
+    revision: str = "main"
     task: str = "causal_lm"
     num_labels: int = 2
-    dtype: str = "float32"
+    dtype: str = "auto"
     attn_implementation: str = "sdpa"
     max_position_embeddings: int | None = None
+
+
+@dataclass
+class SourceConfig:
+    """One source of a data.sources mixture; a field left null takes the data section's value."""
+    path: str | None = None
+    weight: float = 1.0
+    format: str | None = None
+    config: str | None = None
+    split: str | None = None
+    data_files: list[str] | None = None
+    validation_path: str | None = None
+    text_field: str | None = None
+    instruction_field: str | None = None
+    input_field: str | None = None
+    output_field: str | None = None
+    label_field: str | None = None
+    prompt_template: str | None = None
+    messages_field: str | None = None
+    train_on: str | None = None
 
 
 @dataclass
 class DataConfig:
     path: str = "bundled:instructions"
     format: str = "instruction"
+    config: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
     validation_path: str | None = None
     validation_split: float = 0.1
     max_length: int = 256
     pack: bool = False
-    padding_free: bool = False
+    padding_free: bool | str = "auto"
     text_field: str = "text"
     instruction_field: str = "instruction"
     input_field: str = "input"
@@ -44,9 +72,12 @@ class DataConfig:
     label_field: str = "label"
     label_names: list[str] | None = None
     prompt_template: str = "alpaca"
+    messages_field: str = "auto"
+    train_on: str = "assistant"
     num_workers: int = 0
     pin_memory: bool = False
     cache_dir: str | None = None
+    sources: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -66,7 +97,7 @@ class PeftConfig:
 @dataclass
 class EngineConfig:
     kind: str = "single"
-    mixed_precision: str = "fp32"
+    mixed_precision: str = "auto"
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -142,6 +173,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate_samples: int = 0
+    max_new_tokens: int = 64
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,18 +188,24 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every value, except the unset (null) fields of data.sources entries."""
+        data = dataclasses.asdict(self)
+        data["data"]["sources"] = [{k: v for k, v in s.items() if v is not None} for s in data["data"]["sources"]]
+        return data
 
 
 CHOICES = {
     "model.task": ("causal_lm", "classification", "regression"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.format": ("text", "instruction", "classification"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.padding_free": ("auto", True, False),
+    "data.format": ("text", "instruction", "classification", "chat"),
+    "data.train_on": ("assistant", "last_assistant", "all"),
     "peft.method": ("full", "lora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "adapter", "freeze"),
     "engine.kind": ("single", "ddp", "fsdp", "deepspeed"),
-    "engine.mixed_precision": ("fp32", "bf16", "fp16"),
+    "engine.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "engine.zero_stage": (1, 2, 3),
     "optim.name": ("adamw", "sgd"),
     "optim.scheduler": ("cosine", "linear", "constant"),
@@ -170,6 +213,12 @@ CHOICES = {
     "train.early_stopping_mode": ("min", "max"),
     "log.wandb.mode": ("auto", "online", "offline", "disabled"),
 }
+
+
+VIRTUAL_TOKEN_METHODS = ("prefix_tuning", "prompt_tuning")
+# peft methods whose trainable weights peft keeps in float32 over a lower-precision base (not LLaMA-Adapter's
+# adaption prompts, which take the base's dtype)
+FP32_ADAPTER_METHODS = ("lora", "dora", "ia3", "prefix_tuning", "prompt_tuning")
 
 
 # Names other trainers (HF TrainingArguments, DeepSpeed) use for our keys; spelling distance cannot find these.
@@ -198,6 +247,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[-1]
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return _sections(value, args[0], key)
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",") if v.strip()]
@@ -231,9 +282,28 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+def _sections(value: Any, cls: type, key: str) -> list[Any]:
+    """A list of `cls` sections from a list of mappings (on the command line, a YAML string of one)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"config key '{key}' is not valid YAML; give a list of mappings, e.g. "
+                              "'[{path: a.jsonl, weight: 3}, {path: b.jsonl}]'") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
+        raise ConfigError(f"config key '{key}' expects a list of mappings, e.g. [{{path: a.jsonl, weight: 3}}], "
+                          f"got {value!r}")
+    sections = [cls() for _ in value]
+    for i, (section, item) in enumerate(zip(sections, value)):
+        _merge(section, item, f"{key}[{i}].")
+    return sections
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> list[str]:
+    """Set `updates` (nested mappings) on the dataclass `obj`; returns the dotted keys it set."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
+    keys = []
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in names:
@@ -242,9 +312,11 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; give it a mapping, not {value!r}")
-            _merge(current, value, f"{key}.")
+            keys += _merge(current, value, f"{key}.")
         else:
             setattr(obj, name, _coerce(value, hints[name], key))
+            keys.append(key)
+    return keys
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +356,8 @@ def validate(cfg: Config) -> Config:
         if len(rest) == 2:
             value = getattr(value, rest[1])
         if value not in options:
-            raise ConfigError(f"config key '{dotted}' is {value!r}; choose one of {', '.join(map(str, options))}")
+            words = ", ".join(map(_yaml_word, options))
+            raise ConfigError(f"config key '{dotted}' is {value!r}; choose one of {words}")
     checks = [
         (cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
@@ -293,9 +366,11 @@ def validate(cfg: Config) -> Config:
         (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split must be in [0, 1)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1 or null"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
-        (not (cfg.model.task == "causal_lm" and cfg.data.format == "classification"),
+        (cfg.eval.generate_samples >= 0, "eval.generate_samples must be >= 0 (0 turns generation metrics off)"),
+        (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
+        (not (cfg.model.task == "causal_lm" and "classification" in data_formats(cfg)),
          "data.format=classification needs model.task=classification or regression"),
-        (not (cfg.model.task != "causal_lm" and cfg.data.format != "classification"),
+        (not (cfg.model.task != "causal_lm" and data_formats(cfg) != {"classification"}),
          f"model.task={cfg.model.task} needs data.format=classification"),
         (not ((cfg.engine.offload_optimizer or cfg.engine.offload_params) and cfg.engine.kind != "deepspeed"),
          "engine.offload_optimizer/offload_params are DeepSpeed options; set engine.kind=deepspeed or use engine.cpu_offload with fsdp"),
@@ -303,23 +378,102 @@ def validate(cfg: Config) -> Config:
          "engine.cpu_offload is an FSDP option; set engine.kind=fsdp or use offload_optimizer with deepspeed"),
         (not (cfg.engine.offload_params and cfg.engine.zero_stage != 3),
          "engine.offload_params needs engine.zero_stage=3"),
-        (not (cfg.data.padding_free and cfg.model.task != "causal_lm"),
+        (not (cfg.data.padding_free is True and cfg.model.task != "causal_lm"),
          "data.padding_free concatenates causal-LM rows; set data.padding_free=false for classification"),
-        (not (flattened(cfg) and cfg.peft.method in ("prefix_tuning", "prompt_tuning")),
+        (not (flattened(cfg) and cfg.peft.method in VIRTUAL_TOKEN_METHODS),
          f"peft.method={cfg.peft.method} puts virtual tokens in front of the whole row, so examples sharing a row "
          "cannot be kept apart; set data.pack=false and data.padding_free=false"),
         (not (cfg.peft.load_in_4bit and cfg.peft.method not in ("lora", "dora")),
          "peft.load_in_4bit (QLoRA) needs peft.method=lora or dora"),
+        (not (cfg.peft.load_in_4bit and cfg.engine.kind in ("fsdp", "deepspeed")),
+         f"peft.load_in_4bit (QLoRA) cannot be sharded by engine.kind={cfg.engine.kind}; use engine.kind=single "
+         "or ddp, or drop peft.load_in_4bit"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _source_checks(cfg):
         if not ok:
             raise ConfigError(message)
     return cfg
 
 
+def _source_checks(cfg: Config) -> list[tuple[bool, str]]:
+    checks = [(not (cfg.data.sources and cfg.data.validation_path),
+               "data.validation_path does not apply to data.sources; set validation_path on each source instead")]
+    for i, source in enumerate(cfg.data.sources):
+        key = f"data.sources[{i}]"
+        checks += [
+            (bool(source.path), f"{key} has no path; give every source a path (a file, directory, hf:NAME or "
+                                "bundled:NAME)"),
+            (source.weight > 0, f"{key}.weight is {source.weight:g}; give every source a weight > 0"),
+            (source.format in (None, *CHOICES["data.format"]),
+             f"{key}.format is {source.format!r}; choose one of {', '.join(CHOICES['data.format'])}"),
+            (source.train_on in (None, *CHOICES["data.train_on"]),
+             f"{key}.train_on is {source.train_on!r}; choose one of {', '.join(CHOICES['data.train_on'])}"),
+        ]
+    return checks
+
+
+def data_formats(cfg: Config) -> set[str]:
+    """The formats the run's data comes in: each data.sources entry's (default data.format), else data.format."""
+    return {source.format or cfg.data.format for source in cfg.data.sources} or {cfg.data.format}
+
+
+def _yaml_word(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def padding_free_blocker(cfg: Config, attention_window: int | None = None) -> str | None:
+    """Why this run cannot use padding-free rows (None: it can); attention_window: the model's sliding window."""
+    if cfg.model.task != "causal_lm":
+        return f"model.task={cfg.model.task} batches whole sequences, not concatenated causal-LM rows"
+    if cfg.peft.method in VIRTUAL_TOKEN_METHODS:
+        return f"peft.method={cfg.peft.method} puts virtual tokens in front of the whole row"
+    if attention_window and attention_window < cfg.data.max_length:
+        return (f"the model's sliding attention window ({attention_window} tokens) is shorter than "
+                f"data.max_length={cfg.data.max_length}")
+    return None
+
+
+def padding_free(cfg: Config) -> bool:
+    """data.padding_free, with `auto` on wherever it is valid (as far as the config alone tells)."""
+    if cfg.data.padding_free == "auto":
+        return padding_free_blocker(cfg) is None
+    return cfg.data.padding_free
+
+
+def resolve_padding_free(cfg: Config, attention_window: int | None) -> None:
+    """Settle data.padding_free=auto now that the model's attention window is known; say why when it is off."""
+    if cfg.data.padding_free != "auto":
+        return
+    blocker = padding_free_blocker(cfg, attention_window)
+    cfg.data.padding_free = blocker is None
+    if blocker:
+        log.info("data.padding_free=auto is off: %s", blocker)
+
+
+def resolve_precision(cfg: Config, bf16: bool) -> Config:
+    """Replace `auto` in engine.mixed_precision and model.dtype; bf16: the run's device computes in bfloat16.
+
+    mixed_precision: bf16 where the device supports it, else fp32. model.dtype: bfloat16 for peft methods that
+    keep their trainable weights in float32 (frozen base in bf16) when computing in bf16, float32 otherwise
+    (full tuning keeps fp32 master weights under bf16 autocast / FSDP param_dtype)."""
+    if cfg.engine.mixed_precision == "auto":
+        cfg.engine.mixed_precision = "bf16" if bf16 else "fp32"
+    if cfg.model.dtype == "auto":
+        frozen_bf16 = cfg.engine.mixed_precision == "bf16" and cfg.peft.method in FP32_ADAPTER_METHODS
+        cfg.model.dtype = "bfloat16" if frozen_bf16 else "float32"
+    return cfg
+
+
+def bf16_device(device) -> bool:
+    """True for a CUDA device that computes in bfloat16 (Ampere and later); CPUs train in fp32."""
+    import torch
+
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def flattened(cfg: Config) -> bool:
     """Micro-batches are one padding-free row: data.padding_free, or packed rows (data.pack)."""
-    return cfg.model.task == "causal_lm" and (cfg.data.padding_free or cfg.data.pack)
+    return cfg.model.task == "causal_lm" and (padding_free(cfg) or cfg.data.pack)
 
 
 def uses_target_logits(cfg: Config) -> bool:
@@ -329,10 +483,31 @@ def uses_target_logits(cfg: Config) -> bool:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Build a Config from defaults, an optional YAML file and dotted overrides, then validate it."""
-    cfg = Config()
+    return load_with_sources(path, overrides)[0]
+
+
+def load_with_sources(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                      label: str | None = None) -> tuple[Config, dict[str, str]]:
+    """load_config, plus which layer last set each dotted key: `label` (default: the YAML path) or "command line"."""
+    cfg, sources = Config(), {}
     if path is not None:
-        _merge(cfg, read_yaml(path))
-    return apply_overrides(cfg, overrides or {})
+        sources.update(dict.fromkeys(_merge(cfg, read_yaml(path)), label or str(path)))
+    sources.update(dict.fromkeys(_merge(cfg, _nest(overrides or {})), "command line"))
+    return validate(cfg), sources
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in data.items():
+        flat.update(_flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
+    return flat
+
+
+def changed_values(cfg: Config, sources: dict[str, str]) -> list[str]:
+    """`key = value (source)` for every value of cfg that differs from the library default."""
+    defaults = _flat(Config().to_dict())
+    return [f"{key} = {value if isinstance(value, str) else json.dumps(value)} ({sources.get(key, 'resolved')})"
+            for key, value in _flat(cfg.to_dict()).items() if value != defaults[key]]
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

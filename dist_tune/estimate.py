@@ -12,22 +12,49 @@ Model state per parameter before sharding (`bytes_per_param`), AdamW:
 Autocast (single/ddp) and FSDP's MixedPrecisionPolicy only cast copies for compute, so weights, grads and torch
 optimizer states stay in model.dtype and there is no master copy; DeepSpeed casts the module to bf16/fp16 and its
 ZeRO optimizers always keep a separate fp32 master partition (also in fp32 training, DeepSpeed 0.19). Frozen
-(peft) weights cost only their storage bytes (0.5 with 4-bit QLoRA). Sharding (`shard_factors`): ZeRO-1 splits
-the optimizer state, ZeRO-2 also the grads, ZeRO-3 and FSDP everything.
+(peft) weights cost only their storage bytes (0.5 with 4-bit QLoRA); peft keeps the adapters of LoRA, DoRA, IA3
+and prefix/prompt tuning in fp32 over any base dtype. `auto` precision is estimated as it resolves on a bf16 GPU
+(config.resolve_precision), the device an estimate is for. Sharding (`shard_factors`): ZeRO-1 splits
+the optimizer state, ZeRO-2 also the grads, ZeRO-3 and FSDP everything. What an offload option moves to the host
+is counted in `host_gib` instead.
+
+The architecture comes from a preset or a local model directory (its config.json; no weights are read), or, for the
+hub ids in `KNOWN_SHAPES`, from a built-in copy of their config.json's shape, so estimating a recipe downloads nothing.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from dist_tune.config import Config
+from dist_tune.config import FP32_ADAPTER_METHODS, Config, resolve_precision
 from dist_tune.models import load_tokenizer, model_config
 
 GIB = 1024 ** 3
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
+
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0)
+_LLAMA3_8B = dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+_LLAMA3_70B = dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+# Shapes of well-known hub models, as in their config.json (GPT2Config() and BertConfig() defaults are gpt2 and
+# bert-base-uncased).
+KNOWN_SHAPES: dict[str, dict] = {
+    "gpt2": dict(model_type="gpt2"), "openai-community/gpt2": dict(model_type="gpt2"),
+    "bert-base-uncased": dict(model_type="bert"), "google-bert/bert-base-uncased": dict(model_type="bert"),
+    **{f"meta-llama/{name}": dict(_LLAMA3_8B, max_position_embeddings=8192)
+       for name in ("Meta-Llama-3-8B", "Meta-Llama-3-8B-Instruct")},
+    **{f"meta-llama/{name}": dict(_LLAMA3_8B, max_position_embeddings=131072)
+       for name in ("Llama-3.1-8B", "Llama-3.1-8B-Instruct")},
+    **{f"meta-llama/{name}": dict(_LLAMA3_70B, max_position_embeddings=8192)
+       for name in ("Meta-Llama-3-70B", "Meta-Llama-3-70B-Instruct")},
+    **{f"meta-llama/{name}": dict(_LLAMA3_70B, max_position_embeddings=131072)
+       for name in ("Llama-3.1-70B", "Llama-3.1-70B-Instruct", "Llama-3.3-70B-Instruct")},
+}
 
 
 @dataclass
@@ -39,6 +66,7 @@ class Estimate:
     optimizer_gib: float
     activations_gib: float
     logits_gib: float
+    host_gib: float = 0.0  # model state an offload option keeps in host memory instead
 
     @property
     def total_gib(self) -> float:
@@ -50,13 +78,27 @@ def count_from_config(cfg: Config) -> tuple[int, int, object]:
     from dist_tune.models import auto_class
     from dist_tune.peft import apply_peft
 
-    tokenizer = load_tokenizer(cfg)
-    hf_cfg = model_config(cfg, tokenizer)
+    hf_cfg = architecture(cfg)
     with torch.device("meta"):
         model = apply_peft(auto_class(cfg.model.task).from_config(hf_cfg), cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable, hf_cfg
+
+
+def architecture(cfg: Config):
+    """The transformers config of the configured model without its weights: the built-in shape of a KNOWN_SHAPES hub
+    id (unless a local directory has that name), else what the run would build or load (preset, local directory)."""
+    name = cfg.model.name_or_path
+    if name not in KNOWN_SHAPES or Path(name).expanduser().is_dir():
+        return model_config(cfg, load_tokenizer(cfg))
+    shape = dict(KNOWN_SHAPES[name])
+    hf_cfg = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    if cfg.model.max_position_embeddings:
+        hf_cfg.max_position_embeddings = cfg.model.max_position_embeddings
+    if cfg.model.task != "causal_lm":
+        hf_cfg.num_labels = 1 if cfg.model.task == "regression" else cfg.model.num_labels
+    return hf_cfg
 
 
 def shard_factors(kind: str, stage: int, world: int) -> tuple[float, float, float]:
@@ -104,33 +146,43 @@ class BytesPerParam:
         return self.weights + self.grads + self.optimizer
 
 
+def on_bf16_gpu(cfg: Config) -> Config:
+    """The config with `auto` model.dtype / engine.mixed_precision as they resolve on a bf16 GPU."""
+    return resolve_precision(copy.deepcopy(cfg), bf16=True)
+
+
 def bytes_per_param(cfg: Config) -> BytesPerParam:
+    cfg = on_bf16_gpu(cfg)
     storage = DTYPE_BYTES[cfg.model.dtype]
     if cfg.engine.kind == "deepspeed":
-        # DeepSpeed casts the module to bf16/fp16 when enabled; its ZeRO optimizer keeps fp32 master + fp32 states
-        weights = WEIGHT_BYTES[cfg.engine.mixed_precision] if cfg.engine.mixed_precision != "fp32" else storage
+        # DeepSpeed casts the module (adapters too) to bf16/fp16 when enabled; its ZeRO optimizer keeps fp32 master
+        # + fp32 states
+        weights = frozen = WEIGHT_BYTES[cfg.engine.mixed_precision] if cfg.engine.mixed_precision != "fp32" else storage
         optimizer = FP32 * (optimizer_states(cfg) + 1)
     else:
-        # autocast / FSDP MixedPrecisionPolicy cast for compute only: weights, grads and states stay in model.dtype
-        weights = storage
-        optimizer = storage * optimizer_states(cfg)
-    frozen = 0.5 if cfg.peft.load_in_4bit else weights
+        # autocast / FSDP MixedPrecisionPolicy cast for compute only: weights, grads and states stay in their dtype
+        frozen = storage
+        weights = FP32 if cfg.peft.method in FP32_ADAPTER_METHODS else storage
+        optimizer = weights * optimizer_states(cfg)
+    frozen = 0.5 if cfg.peft.load_in_4bit else frozen
     return BytesPerParam(weights=weights, frozen=frozen, grads=weights, optimizer=optimizer)
 
 
 def estimate(cfg: Config, world_size: int = 1) -> Estimate:
+    cfg = on_bf16_gpu(cfg)
     total, trainable, hf_cfg = count_from_config(cfg)
     precision = WEIGHT_BYTES[cfg.engine.mixed_precision]
     per = bytes_per_param(cfg)
     w, g, o = shard_factors(cfg.engine.kind, cfg.engine.zero_stage, world_size)
-    offload = cfg.engine.offload_optimizer or cfg.engine.cpu_offload
-    weights = (trainable * per.weights + (total - trainable) * per.frozen) * w
-    if cfg.engine.offload_params or cfg.engine.cpu_offload:
-        weights = 0.0
-    grads = 0.0 if cfg.engine.cpu_offload else trainable * per.grads * g  # FSDP CPUOffloadPolicy: grads on CPU
-    optimizer = 0.0 if offload else trainable * per.optimizer * o
+    state = {"weights": (trainable * per.weights + (total - trainable) * per.frozen) * w,
+             "grads": trainable * per.grads * g, "optimizer": trainable * per.optimizer * o}
+    e = cfg.engine  # FSDP's CPUOffloadPolicy keeps weights, grads and optimizer states on the host
+    on_host = {"weights": e.offload_params or e.cpu_offload, "grads": e.cpu_offload,
+               "optimizer": e.offload_optimizer or e.cpu_offload}
+    gpu = {k: 0.0 if on_host[k] else v / GIB for k, v in state.items()}
     acts, logits = activation_bytes(hf_cfg, cfg, precision)
-    return Estimate(total, trainable, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB, logits / GIB)
+    return Estimate(total, trainable, gpu["weights"], gpu["grads"], gpu["optimizer"], acts / GIB, logits / GIB,
+                    host_gib=sum(v for k, v in state.items() if on_host[k]) / GIB)
 
 
 def format_estimate(e: Estimate) -> str:
@@ -138,5 +190,7 @@ def format_estimate(e: Estimate) -> str:
             ("weights", f"{e.weights_gib:.3f} GiB"), ("gradients", f"{e.grads_gib:.3f} GiB"),
             ("optimizer states", f"{e.optimizer_gib:.3f} GiB"), ("activations", f"{e.activations_gib:.3f} GiB"),
             ("logits (fp32 + grad)", f"{e.logits_gib:.3f} GiB"), ("total per GPU", f"{e.total_gib:.3f} GiB")]
+    if e.host_gib:
+        rows.append(("offloaded to host", f"{e.host_gib:.3f} GiB per process"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

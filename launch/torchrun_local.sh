@@ -5,7 +5,7 @@
 #
 #   launch/torchrun_local.sh 8 my.yaml --engine.kind=fsdp        # 8 GPUs
 #   launch/torchrun_local.sh my.yaml --engine.kind=ddp           # NPROC = visible GPUs, or 2 on CPU
-#   launch/torchrun_local.sh 2 --model.name_or_path=tiny-llama --train.max_steps=10   # packaged demo recipe
+#   launch/torchrun_local.sh 2 --model.name_or_path=tiny-llama --train.max_steps=10   # library defaults, tiny model
 #
 # NPROC: first argument when it is a number; else $NPROC_PER_NODE; else the number of visible GPUs
 # (CUDA_VISIBLE_DEVICES, then nvidia-smi -L); else 2 (CPU, gloo).

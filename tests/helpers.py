@@ -11,10 +11,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# On top of the packaged demo recipe: a 2-layer, 64-wide Llama on short plain-template prompts.
-TINY = ["--model.name_or_path=tiny-llama", "--data.max_length=64", "--data.prompt_template=plain",
-        "--train.micro_batch_size=4", "--optim.warmup_steps=0", "--checkpoint.save_steps=null",
-        "--log.progress=false", "--log.wandb.mode=disabled", "--train.eval_max_batches=2"]
+# Overrides that shrink a run to a 2-layer, 64-wide Llama on short plain-template prompts.
+TINY_OVERRIDES = ["--model.name_or_path=tiny-llama", "--data.max_length=64", "--data.prompt_template=plain",
+                  "--train.micro_batch_size=4", "--optim.warmup_steps=0", "--checkpoint.save_steps=null",
+                  "--log.progress=false", "--log.wandb.mode=disabled", "--train.eval_max_batches=2"]
+# The packaged demo recipe (`--config=demo`, the positional CONFIG of `dist-tune train`) with those overrides.
+TINY = ["--config=demo", *TINY_OVERRIDES]
 
 
 def free_port() -> int:
@@ -89,3 +91,14 @@ def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
             row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
             history.setdefault(int(row.pop("_step")), {}).update(row)
     return history
+
+
+def hub_snapshot(cache: Path, repo_id: str, commit: str = "a" * 40, ref: str = "main") -> Path:
+    """The snapshot directory of repo_id at `commit` in a hub cache laid out as `hf download` writes it, with
+    refs/`ref` naming that commit; save_pretrained a model into it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot

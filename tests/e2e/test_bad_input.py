@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import TINY
+from helpers import TINY, TINY_OVERRIDES
 from dist_tune import metrics
 from dist_tune.cli import main
 from dist_tune.config import Config
@@ -19,6 +20,7 @@ from dist_tune.engines.deepspeed import ds_config
 from dist_tune.errors import UserError
 
 ERROR = "dist-tune: error:"
+INFO_LOG = re.compile(r"\d\d:\d\d:\d\d INFO dist_tune")
 INSTRUCTIONS = [{"instruction": f"Reverse the words number {i}.", "input": "red green blue", "output": "blue green red"}
                 for i in range(40)]
 
@@ -52,22 +54,24 @@ def cli(capsys, tmp_path):
     return run
 
 
-def base(tmp_path: Path, *extra: str) -> list[str]:
-    return ["train", *TINY, "--train.max_steps=2", f"--train.output_dir={tmp_path / 'runs'}",
+def base(tmp_path: Path, *extra: str, config: str | Path = "demo") -> list[str]:
+    """`dist-tune train CONFIG` shrunk by TINY_OVERRIDES to two steps, writing under tmp_path."""
+    return ["train", str(config), *TINY_OVERRIDES, "--train.max_steps=2", f"--train.output_dir={tmp_path / 'runs'}",
             f"--data.cache_dir={tmp_path / 'cache'}", *extra]
 
 
 def assert_user_error(result: tuple[int, str, str], tmp_path: Path, *needles: str, after_tokenizing: bool = False) -> str:
     """Exit 2, one error line with every needle in it, no traceback, no run dir written. stderr is exactly that
-    line, except that an error found by tokenizing follows the datasets progress bar (`after_tokenizing`)."""
+    line after any INFO log lines (e.g. why data.padding_free=auto is off), except that an error found by
+    tokenizing follows the datasets progress bar (`after_tokenizing`)."""
     code, out, err = result
     assert code == 2, (code, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not INFO_LOG.match(line)]
     errors = [line for line in lines if line.startswith(ERROR)]
     assert len(errors) == 1, err
     assert lines[-1] == errors[0], err
     if not after_tokenizing:
-        assert err == errors[0] + "\n", err
+        assert lines == errors, err
     else:
         assert all(line.lstrip("\r").startswith("Tokenizing") for line in lines[:-1]), err
     assert "Traceback" not in err and "Traceback" not in out, err
@@ -94,14 +98,13 @@ def tree_digest(root: Path) -> dict[str, str]:
 def test_malformed_yaml(cli, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model:\n  name_or_path: tiny-llama\n  task: [causal_lm\ntrain: {max_steps: 2}\n")
-    assert_user_error(cli("train", str(cfg), *base(tmp_path)[1:]), tmp_path,
-                      str(cfg), "not valid YAML", "line", "fix the syntax")
+    assert_user_error(cli(*base(tmp_path, config=cfg)), tmp_path, str(cfg), "not valid YAML", "line", "fix the syntax")
 
 
 def test_yaml_that_is_not_a_mapping(cli, tmp_path):
     cfg = tmp_path / "list.yaml"
     cfg.write_text("- model\n- data\n")
-    assert_user_error(cli("train", str(cfg), *base(tmp_path)[1:]), tmp_path, "must hold a mapping of sections")
+    assert_user_error(cli(*base(tmp_path, config=cfg)), tmp_path, "must hold a mapping of sections")
 
 
 def test_unknown_key_suggests_the_closest(cli, tmp_path):
@@ -112,7 +115,7 @@ def test_unknown_key_suggests_the_closest(cli, tmp_path):
 def test_unknown_key_in_yaml(cli, tmp_path):
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("train:\n  max_stepz: 3\n")
-    assert_user_error(cli("train", str(cfg), *base(tmp_path)[1:]), tmp_path,
+    assert_user_error(cli(*base(tmp_path, config=cfg)), tmp_path,
                       "unknown config key 'train.max_stepz'", "did you mean 'max_steps'")
 
 
@@ -128,8 +131,8 @@ def test_wrong_choice(cli, tmp_path):
 
 def test_missing_config_file(cli, tmp_path):
     missing = tmp_path / "nope.yaml"
-    assert_user_error(cli("train", str(missing), *base(tmp_path)[1:]), tmp_path,
-                      f"config file '{missing}' not found", "packaged recipe")
+    assert_user_error(cli(*base(tmp_path, config=missing)), tmp_path,
+                      f"config file '{missing}' not found", "packaged recipe", "llama3-8b-lora-fsdp")
 
 
 def test_conflicting_engine_options(cli, tmp_path):
@@ -324,6 +327,46 @@ def test_deepspeed_config_file_missing(cli, tmp_path):
     missing = tmp_path / "nope.json"
     assert_user_error(cli(*base(tmp_path, "--engine.kind=deepspeed", f"--engine.ds_config={missing}")), tmp_path,
                       f"engine.ds_config '{missing}' not found")
+
+
+def test_deepspeed_fail_fast_check_sees_the_resolved_precision(tmp_path, monkeypatch):
+    """engine.mixed_precision=auto is settled for the device before the JSON is checked against it."""
+    import torch
+
+    from dist_tune.cluster import ClusterEnv
+    from dist_tune.config import load_config
+    from dist_tune.engines.deepspeed import DeepSpeedEngine
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    overrides = {"engine.kind": "deepspeed", "engine.ds_config": str(path)}
+    with pytest.raises(UserError, match=r"bf16.enabled=True but the dist_tune config implies False"):
+        DeepSpeedEngine(load_config(None, overrides), ClusterEnv(), torch.device("cpu"))  # a CPU: fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = load_config(None, overrides)
+    DeepSpeedEngine(cfg, ClusterEnv(), torch.device("cuda", 0))
+    assert cfg.engine.mixed_precision == "bf16"
+
+
+def test_qlora_with_a_sharding_engine(cli, tmp_path):
+    assert_user_error(cli(*base(tmp_path, "--peft.method=lora", "--peft.load_in_4bit=true", "--engine.kind=fsdp")),
+                      tmp_path, "peft.load_in_4bit (QLoRA)", "engine.kind=fsdp", "use engine.kind=single or ddp")
+
+
+# --- merge-adapter ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "adapter"])
+def test_merge_adapter_of_a_method_that_cannot_be_merged(cli, tmp_path, method):
+    from dist_tune.config import dump_config, load_config
+
+    run_dir = tmp_path / method
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config(None, {"peft.method": method})))
+    assert_user_error(cli("merge-adapter", str(run_dir)), tmp_path, f"peft.method={method}", "cannot be merged",
+                      f"PeftModel.from_pretrained(base_model, '{run_dir / 'final'}')",
+                      f"dist-tune generate {run_dir} PROMPT")
+    assert not (run_dir / "merged").exists()
 
 
 # --- resume ----------------------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "slurm"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
             "OUT_OF_MEMORY"}
-TINY = ["--model.name_or_path=tiny-llama"]
+TINY = ["--config=demo", "--model.name_or_path=tiny-llama"]  # the packaged demo recipe with a 2-layer model
 JOB_TIMEOUT_S = 420
 
 

@@ -17,7 +17,8 @@ L8B_N, L8B_LORA = 8_030_261_248, 32 * (8 * (4096 + 4096) + 8 * (4096 + 1024))
 
 
 def cfg_for(**overrides):
-    return load_config(None, overrides)
+    """A config in fp32 unless overridden (the `auto` default is estimated as on a bf16 GPU)."""
+    return load_config(None, {"model.dtype": "float32", "engine.mixed_precision": "fp32", **overrides})
 
 
 def state_bytes(e) -> float:
@@ -118,10 +119,10 @@ def test_lora_8b_trainable_count_equals_peft_and_weights_are_2_bytes_in_bf16():
     e = estimate(lora_8b(**{"model.dtype": "bfloat16", "engine.kind": "ddp"}), 1)
     assert (e.trainable, e.params - e.trainable) == (L8B_LORA, L8B_N) == (3_407_872, 8_030_261_248)
     assert (e.trainable, e.params) == peft_trainable_count()
-    assert e.weights_gib * GIB == pytest.approx(2 * e.params)  # ≈ 2 B × N: 14.96 GiB
-    assert e.weights_gib == pytest.approx(2 * 8.03e9 / GIB, rel=1e-3)
-    assert e.grads_gib * GIB == pytest.approx(2 * L8B_LORA)
-    assert e.optimizer_gib * GIB == pytest.approx(4 * L8B_LORA)  # bf16 AdamW m, v
+    assert e.weights_gib == pytest.approx(2 * 8.03e9 / GIB, rel=1e-3)  # ≈ 2 B × N: 14.96 GiB
+    assert e.weights_gib * GIB == pytest.approx(2 * L8B_N + 4 * L8B_LORA)  # peft keeps the adapter in fp32
+    assert e.grads_gib * GIB == pytest.approx(4 * L8B_LORA)
+    assert e.optimizer_gib * GIB == pytest.approx(8 * L8B_LORA)  # fp32 AdamW m, v
 
     # DeepSpeed casts the model to bf16 itself and keeps fp32 master + m + v for the adapter only
     ds = estimate(lora_8b(**{"engine.kind": "deepspeed", "engine.zero_stage": 2}), 1)
@@ -162,3 +163,12 @@ def test_estimate_memory_command_prints_the_estimate(capsys):
     out = capsys.readouterr().out
     assert "parameters" in out and "298,048" in out
     assert f"{4 * TINY_N / 2 / GIB:.3f} GiB" in out  # fsdp weights: 4 B × N / 2
+
+
+def test_auto_precision_is_estimated_as_on_a_bf16_gpu():
+    lora = estimate(load_config(None, {"model.name_or_path": "llama-3-8b", "peft.method": "lora"}), 1)
+    assert lora.weights_gib * GIB == pytest.approx(2 * L8B_N + 4 * L8B_LORA)  # bf16 base, fp32 adapter
+    assert lora.activations_gib == pytest.approx(estimate(lora_8b(**{
+        "engine.activation_checkpointing": False, "train.micro_batch_size": 8}), 1).activations_gib)
+    full = bytes_per_param(load_config(None, {"engine.kind": "deepspeed"}))
+    assert (full.weights, full.grads, full.optimizer) == (2, 2, 12)  # bf16 module, fp32 master + m + v
