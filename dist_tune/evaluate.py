@@ -1,28 +1,44 @@
 """`eval` and `generate` on a finished run, in one process."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from dist_tune import cluster
+from dist_tune import cluster, process_group
 from dist_tune.config import apply_overrides
-from dist_tune.data import build_datasets, prompt_for
+from dist_tune.data import build_datasets, prompt_ids
 from dist_tune.engines.single import SingleEngine
 from dist_tune.errors import UserError
 from dist_tune.export import load_trained
-from dist_tune.trainer import Trainer
+from dist_tune.generation import GENERATIONS_FILE
+from dist_tune.trainer import evaluate
+
+log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: Path, overrides: dict) -> dict[str, float]:
-    """Validation metrics of the run's final model (data overrides allowed, e.g. another validation file)."""
+def evaluate_run(run_dir: Path, overrides: dict, generate: bool = False) -> dict[str, Any]:
+    """Validation metrics of the run's final model (data overrides allowed, e.g. another validation file), with
+    the confusion matrix of a classifier; generate: also generation metrics over eval.generate_samples prompts.
+    Like training's evals, it writes confusion_matrix.json / generations.jsonl to the run dir."""
     cfg, model, tokenizer = load_trained(run_dir)
     apply_overrides(cfg, overrides)
-    engine = SingleEngine(cfg, cluster.detect())
+    if generate and not cfg.eval.generate_samples:
+        raise UserError("--generate needs eval.generate_samples > 0 and this run's is 0; "
+                        "add --eval.generate_samples=N")
+    cfg.eval.generate_samples = cfg.eval.generate_samples if generate else 0
+    env = cluster.detect()
+    engine = SingleEngine(cfg, env, process_group.select_device(cfg.train.device, env))
     engine.model = model.to(engine.device)
-    train_set, val_set = build_datasets(cfg, tokenizer)
-    trainer = Trainer(cfg, engine, train_set, val_set, tokenizer, Path(run_dir), metrics=None)
-    return trainer.evaluate()
+    _, val_set = build_datasets(cfg, tokenizer)
+    evaluation = evaluate(cfg, engine, val_set, tokenizer)
+    evaluation.write(run_dir)
+    if evaluation.generations:
+        log.info("wrote %d generations to %s", len(evaluation.generations), Path(run_dir) / GENERATIONS_FILE)
+    confusion = {"confusion_matrix": evaluation.confusion} if evaluation.confusion is not None else {}
+    return {**evaluation.metrics, **confusion}
 
 
 @torch.no_grad()
@@ -32,10 +48,8 @@ def generate_text(run_dir: Path, prompt: str, input_text: str = "", *, max_new_t
     cfg, model, tokenizer = load_trained(run_dir)
     if cfg.model.task != "causal_lm":
         raise UserError(f"run '{run_dir}' trained a {cfg.model.task} model; generate needs model.task=causal_lm")
-    text = prompt_for(cfg, prompt, input_text) if cfg.data.format == "instruction" else prompt
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    if tokenizer.bos_token_id is not None:
-        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+    ids = torch.tensor([prompt_ids(cfg, tokenizer, prompt, input_text)])
+    ids = ids.to(next(model.parameters()).device)  # a QLoRA base sits on the GPU it was quantised on
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

@@ -1,4 +1,5 @@
-"""Wires one training run: cluster → engine → tokenizer/data → model/peft → trainer → final export."""
+"""Wires one training run: cluster → process group → run-dir lock → engine → tokenizer/data → model/peft →
+trainer → final export."""
 from __future__ import annotations
 
 import logging
@@ -11,15 +12,16 @@ import torch
 import torch.distributed as dist
 
 from dist_tune import checkpoint as ckpt
-from dist_tune import cluster, metrics
+from dist_tune import cluster, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config
-from dist_tune.data import build_datasets
+from dist_tune.data import build_datasets, build_loader
 from dist_tune.engines import build_engine
 from dist_tune.engines.base import Engine
-from dist_tune.models import check_sequence_length, count_parameters, load_model, load_tokenizer
+from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer,
+                              settle_padding_free)
 from dist_tune.optim import optimizer_factory, scheduler_factory
-from dist_tune.peft import apply_peft
-from dist_tune.trainer import Trainer
+from dist_tune.peft import build_model
+from dist_tune.trainer import Trainer, steps_per_epoch, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / name[0]
 
 
-def rank0_first(engine: Engine, fn):
-    """Run fn on rank 0 first (it fills the datasets cache), then on the other ranks."""
-    if engine.env.rank == 0:
+def rank0_first(engine: Engine, fn, *, per_node: bool = False):
+    """Run fn on rank 0 (per_node: on each node's local rank 0) first, as it fills a cache, then on the others."""
+    if (engine.env.local_rank if per_node else engine.env.rank) == 0:
         result = fn()
         engine.barrier()
         return result
@@ -54,15 +56,30 @@ def flops_formula(cfg: Config) -> str:
     return metrics.FLOPS_FORMULA_FULL if cfg.peft.method == "full" else metrics.FLOPS_FORMULA_PEFT
 
 
-def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
+def flops_model(model: torch.nn.Module) -> metrics.FlopsModel:
+    """The model's parameters split into body and LM head (see metrics.FlopsModel): an untied input embedding
+    is left out, a tied one counted once, as the head; classifiers have no LM head (their score layer is body)."""
     hf = getattr(model, "config", None)
     total, trainable = count_parameters(model)
-    peak = metrics.peak_flops_per_device(engine.device, cfg.engine.mixed_precision)
+    head = model.get_output_embeddings()
+    head_total, head_trainable = count_parameters(head) if head is not None else (0, 0)
+    embedding = model.get_input_embeddings()
+    tied = head is not None and not {id(p) for p in head.parameters()}.isdisjoint(map(id, embedding.parameters()))
+    embedding_total, embedding_trainable = (0, 0) if tied else count_parameters(embedding)
+    return metrics.FlopsModel(body=total - head_total - embedding_total,
+                              body_trainable=trainable - head_trainable - embedding_trainable,
+                              head=head_total, head_trainable=head_trainable,
+                              n_layers=getattr(hf, "num_hidden_layers", 0), hidden=getattr(hf, "hidden_size", 0))
 
-    def compute(tokens_per_s: float, seq_len: float) -> float | None:
-        per_token = metrics.flops_per_token(
-            n_params=total, n_trainable=trainable, n_layers=getattr(hf, "num_hidden_layers", 0),
-            hidden=getattr(hf, "hidden_size", 0), seq_len=int(seq_len), full_tuning=cfg.peft.method == "full")
+
+def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
+    """MFU of a logged window from (tokens/s, mean example length, logit positions per token), at the peak
+    of the dtype the matmuls run in."""
+    flops = flops_model(model)
+    peak = metrics.peak_flops_per_device(engine.device, metrics.compute_dtype(cfg))
+
+    def compute(tokens_per_s: float, seq_len: float, logit_positions_per_token: float) -> float | None:
+        per_token = flops.per_token(seq_len, logit_positions_per_token)
         return metrics.mfu(tokens_per_s, per_token, peak, engine.env.world_size)
     return compute
 
@@ -84,58 +101,69 @@ def export_final(engine: Engine, tokenizer, out_dir: Path) -> None:
     engine.barrier()
 
 
-def build_model(cfg: Config, tokenizer, device: torch.device) -> torch.nn.Module:
-    return apply_peft(load_model(cfg, tokenizer, device=device), cfg)
-
-
 def describe_batch(cfg: Config, env: cluster.ClusterEnv) -> str:
     t = cfg.train
     return (f"global batch = micro {t.micro_batch_size} × accumulation {t.grad_accum} × data-parallel "
             f"{env.world_size} = {t.micro_batch_size * t.grad_accum * env.world_size} sequences per step")
 
 
-def build_trainer(cfg: Config, env: cluster.ClusterEnv) -> Trainer:
-    engine = build_engine(cfg, env)
-    run_dir = resolve_run_dir(cfg)
-    # fail before any data, model or run-dir work: a resume that cannot work, a length the model cannot take
-    ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
+def resume_state(engine: Engine, path: Path | None, model_name: str) -> ckpt.TrainState:
+    """Where training starts: the state of checkpoint `path` (loaded into the prepared engine), or step 0."""
+    if path is None:
+        return ckpt.TrainState(model_name=model_name)
+    state = ckpt.load_checkpoint(engine, path)
+    log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, state.step, state.epoch,
+             state.batches_in_epoch)
+    return state
+
+
+def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, run_dir: Path) -> Trainer:
+    """Everything the loop needs, built in dependency order. Rank 0 must hold run_dir's lock (run_lock.hold)."""
+    engine = build_engine(cfg, env, device)
+    # fail before any data or model work: a resume that cannot work, a length the model cannot take
+    resume_from = ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
+    rank0_first(engine, lambda: fetch_model(cfg), per_node=True)  # one download per node; the rest read the cache
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
+    settle_padding_free(cfg, tokenizer)
     train_set, val_set = rank0_first(engine, lambda: build_datasets(cfg, tokenizer))
+    loader, _ = build_loader(train_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=True,
+                             seed=cfg.train.seed)
+    steps = total_steps(cfg, steps_per_epoch(loader, cfg.train.grad_accum))
     model = build_model(cfg, tokenizer, engine.init_device())
-    trainer = Trainer(cfg, engine, train_set, val_set, tokenizer, run_dir, metrics=None)
-    trainer.state.model_name = cfg.model.name_or_path
-    engine.prepare(model, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, trainer.total_steps))
-    trainer.mfu = mfu_function(cfg, model, engine)
+    engine.prepare(model, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, steps))
+    handler = preemption.PreemptionHandler(env, device)
+    state = resume_state(engine, resume_from, cfg.model.name_or_path)
     if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("run dir %s; engine %s on %s; %s; %d steps; MFU formula %s", run_dir, engine.name, engine.device,
-             describe_batch(cfg, env), trainer.total_steps, flops_formula(cfg))
-    return trainer
+             describe_batch(cfg, env), steps, flops_formula(cfg))
+    return Trainer(cfg, engine, loader, val_set, tokenizer, run_dir,
+                   metrics=metrics.MetricsLogger(cfg, run_dir, rank=env.rank, total_steps=steps, start_step=state.step),
+                   preemption=handler, mfu=mfu_function(cfg, model, engine), state=state)
 
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train per the config in this process (one rank of the job); returns the run summary."""
+    preemption.capture_early_signal()
     env = cluster.detect()
-    cluster.init_distributed(env, timeout_minutes=cfg.engine.timeout_minutes)
+    device = process_group.select_device(cfg.train.device, env)
+    process_group.init_distributed(env, device, process_group.backend_for(device, cfg.engine.cpu_offload),
+                                   cfg.engine.timeout_minutes)
     metrics.rank_logging(env.rank)
     try:
-        trainer = build_trainer(cfg, env)
-        trainer.preemption = cluster.PreemptionHandler()
-        trainer.resume_if_requested()
-        trainer.metrics = metrics.MetricsLogger(cfg, trainer.run_dir, rank=env.rank,
-                                                total_steps=trainer.total_steps, start_step=trainer.state.step)
-        summary = trainer.train()
-        summary.update(trainer.engine.local_state_bytes())
-        summary["flops_formula"] = flops_formula(cfg)
-        preempted = summary["stopped"] == "preempted"
-        if cfg.checkpoint.save_final and not preempted:
-            export_final(trainer.engine, trainer.tokenizer, trainer.run_dir / "final")
-        summary["run_dir"] = str(trainer.run_dir)
-        trainer.metrics.close(summary)
-        if preempted and env.rank == 0:
-            trainer.preemption.requeue()  # last: Slurm ends the job as soon as it is requeued
+        run_dir = resolve_run_dir(cfg)
+        with run_lock.hold(run_dir, env):
+            trainer = build_trainer(cfg, env, device, run_dir)
+            summary = trainer.train()
+            summary.update(trainer.engine.local_state_bytes())
+            summary["flops_formula"] = flops_formula(cfg)
+            if cfg.checkpoint.save_final and summary["stopped"] != "preempted":
+                export_final(trainer.engine, trainer.tokenizer, run_dir / "final")
+            summary["run_dir"] = str(run_dir)
+            trainer.metrics.close(summary)
+        if summary["stopped"] == "preempted":
+            trainer.preemption.requeue()  # last (rank 0 only): Slurm ends the job as soon as it is requeued
         return summary
     finally:
-        cluster.destroy_distributed()
+        process_group.destroy_distributed()

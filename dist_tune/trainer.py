@@ -1,6 +1,7 @@
 """The one training loop: accumulation, globally normalised loss, clipping, eval, early stopping, checkpoints."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -11,13 +12,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils.data import DataLoader
 
 from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config
 from dist_tune.data import build_loader
 from dist_tune.engines.base import Engine
 from dist_tune.errors import TrainingError, UserError
-from dist_tune.metrics import memory_metrics
+from dist_tune.generation import generation_eval, write_generations
+from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
+from dist_tune.preemption import PreemptionHandler
 from dist_tune.loss import IGNORE, causal_lm_loss_sum, classification_loss_sum, shifted_labels
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,13 @@ def target_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
     return int((shifted_labels(batch["labels"], batch.get("position_ids")) != IGNORE).sum())
 
 
+def logit_positions(batch: dict[str, torch.Tensor]) -> int:
+    """Real-token positions where the model computes logits: every one, or only those in `logits_to_keep`."""
+    mask = batch["attention_mask"]
+    keep = batch.get("logits_to_keep")
+    return int((mask[:, keep] if torch.is_tensor(keep) else mask).sum())
+
+
 def sequence_count(batch: dict[str, torch.Tensor]) -> int:
     """Examples in a micro-batch: rows, or in packed/padding-free rows the real tokens at position 0."""
     if "position_ids" not in batch:
@@ -63,34 +74,45 @@ class StepResult:
     grad_norm: float
     tokens: int
     samples: int
+    logit_positions: int
     data_wait_s: float
     compute_s: float
     skipped: bool = False
 
 
+def steps_per_epoch(loader: DataLoader, grad_accum: int) -> int:
+    """Optimizer steps in one pass over this rank's training batches (at least one, or a UserError)."""
+    steps = len(loader) // grad_accum
+    if steps < 1:
+        raise UserError(f"the training set gives {len(loader)} micro-batches per rank, fewer than "
+                        f"train.grad_accum={grad_accum}; use more data or a smaller batch")
+    return steps
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @dataclass
 class Trainer:
+    """The loop; run.build_trainer builds everything it talks to. `loader` yields this rank's training
+    micro-batches (its sampler resumes mid-epoch), `state` is where training starts (fresh or resumed),
+    `mfu` maps (tokens/s, mean example length, logit positions per token) to MFU or None."""
     cfg: Config
     engine: Engine
-    train_set: Any
+    loader: DataLoader
     val_set: Any
     tokenizer: Any
     run_dir: Path
-    metrics: Any
-    preemption: Any = None
-    mfu: Callable[[float, float], float | None] = lambda tokens_per_s, seq_len: None
-    state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    metrics: MetricsLogger
+    preemption: PreemptionHandler
+    mfu: Callable[[float, float, float], float | None]
+    state: ckpt.TrainState
     last_saved_step: int | None = None
 
     def __post_init__(self) -> None:
-        env = self.engine.env
         self.causal = self.cfg.model.task == "causal_lm"
-        self.loader, self.sampler = build_loader(self.train_set, self.cfg, self.tokenizer, rank=env.rank,
-                                                 world_size=env.world_size, shuffle=True, seed=self.cfg.train.seed)
-        self.steps_per_epoch = len(self.loader) // self.cfg.train.grad_accum
-        if self.steps_per_epoch < 1:
-            raise UserError(f"the training set gives {len(self.loader)} micro-batches per rank, fewer than "
-                            f"train.grad_accum={self.cfg.train.grad_accum}; use more data or a smaller batch")
+        self.steps_per_epoch = steps_per_epoch(self.loader, self.cfg.train.grad_accum)
 
     # --- schedule ----------------------------------------------------------
     @property
@@ -98,7 +120,8 @@ class Trainer:
         return total_steps(self.cfg, self.steps_per_epoch)
 
     def _epoch_iterator(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.sampler.set_epoch(self.state.epoch, skip=self.state.batches_in_epoch * self.cfg.train.micro_batch_size)
+        self.loader.sampler.set_epoch(self.state.epoch,
+                                      skip=self.state.batches_in_epoch * self.cfg.train.micro_batch_size)
         return iter(self.loader)
 
     def _next_micro_batches(self, it: Iterator) -> tuple[list[dict], Iterator, float]:
@@ -114,20 +137,17 @@ class Trainer:
         return batches, it, time.perf_counter() - start
 
     # --- one step ------------------------------------------------------------
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.engine.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
-
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         engine, device = self.engine, self.engine.device
         counts = torch.tensor([sum(target_count(b, self.causal) for b in micro_batches),
                                sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                               sum(sequence_count(b) for b in micro_batches)], dtype=torch.float64)
-        global_targets, tokens, samples = engine.all_reduce_sum(counts.to(device)).tolist()
+                               sum(sequence_count(b) for b in micro_batches),
+                               sum(logit_positions(b) for b in micro_batches)], dtype=torch.float64)
+        global_targets, tokens, samples, logits = engine.all_reduce_sum(counts.to(device)).tolist()
         start = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
+            batch = to_device(batch, device)
             with engine.no_sync(i == len(micro_batches) - 1):
                 output = engine.forward(model_inputs(batch))
                 summed, _ = loss_sum(output, batch, self.causal, self.cfg.train.ce_chunk_tokens)
@@ -137,7 +157,8 @@ class Trainer:
         bad = not math.isfinite(loss)
         grad_norm = engine.step(skip=bad)
         bad = bad or not (math.isfinite(grad_norm) or engine.handles_overflow)
-        return StepResult(loss, grad_norm, int(tokens), int(samples), 0.0, time.perf_counter() - start, skipped=bad)
+        return StepResult(loss, grad_norm, int(tokens), int(samples), int(logits), 0.0, time.perf_counter() - start,
+                          skipped=bad)
 
     def train_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
         tokens_per_s = result.tokens / max(elapsed, 1e-9)
@@ -146,14 +167,16 @@ class Trainer:
                    "train/data_wait_s": result.data_wait_s, "train/compute_s": result.compute_s,
                    "train/epoch": self.state.epoch + self.state.batches_in_epoch / max(len(self.loader), 1)}
         metrics.update(self._peak_memory_over_ranks())
-        mfu = self.mfu(tokens_per_s, result.tokens / max(result.samples, 1))
+        tokens = max(result.tokens, 1)
+        mfu = self.mfu(tokens_per_s, result.tokens / max(result.samples, 1), result.logit_positions / tokens)
         if mfu is not None:
             metrics["train/mfu"] = mfu
         return metrics
 
     def _peak_memory_over_ranks(self) -> dict[str, float]:
-        """Peak device memory (host RSS on CPU), the maximum over all ranks."""
+        """Memory of this log window (see metrics.memory_metrics), the maximum over all ranks."""
         local = memory_metrics(self.engine.device)
+        reset_peak_memory(self.engine.device)
         if not local:
             return {}
         values = self.engine.all_reduce_max(torch.tensor(list(local.values()), dtype=torch.float64,
@@ -175,38 +198,14 @@ class Trainer:
                                 "clipping (optim.max_grad_norm) or check the data")
 
     # --- evaluation ------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        if self.val_set is None or len(self.val_set) == 0:
-            return {}
-        env, engine = self.engine.env, self.engine
-        loader, _ = build_loader(self.val_set, self.cfg, self.tokenizer, rank=env.rank,
-                                 world_size=env.world_size, shuffle=False, seed=self.cfg.train.seed)
-        limit = self.cfg.train.eval_max_batches or len(loader)
-        n_batches = int(engine.all_reduce_max(torch.tensor(min(len(loader), limit), device=engine.device)))
-        engine.model.eval()
-        tally = EvalTally(self.cfg, engine.device)
-        batches, filler = iter(loader), None
-        for _ in range(n_batches):
-            batch = next(batches, None)
-            if batch is None:  # this rank ran out: a filler forward keeps sharded engines' collectives in step
-                engine.forward(model_inputs(filler))
-                continue
-            batch = self._to_device(batch)
-            filler = filler if filler is not None else batch
-            tally.add(engine.forward(model_inputs(batch)), batch, self.causal)
-        engine.model.train()
-        return tally.result(engine)
+        """Validation metrics; rank 0 writes the eval's confusion matrix and generations to the run dir."""
+        evaluation = evaluate(self.cfg, self.engine, self.val_set, self.tokenizer)
+        if self.engine.env.rank == 0:
+            evaluation.write(self.run_dir)
+        return evaluation.metrics
 
     # --- loop ------------------------------------------------------------------
-    def resume_if_requested(self) -> None:
-        path = ckpt.resume_checkpoint(self.run_dir, self.cfg.train.resume, self.state.model_name)
-        if path is None:
-            return
-        self.state = ckpt.load_checkpoint(self.engine, path)
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.state.step,
-                 self.state.epoch, self.state.batches_in_epoch)
-
     def save(self) -> None:
         """Checkpoint this step once (a periodic and a preemption save can fall on the same step)."""
         if self.last_saved_step != self.state.step:
@@ -245,6 +244,7 @@ class Trainer:
         it = self._epoch_iterator()
         history: dict[str, Any] = {"stopped": "completed"}
         last_step_time = time.perf_counter()
+        self.engine.model.train()  # from_pretrained returns eval mode; dropout belongs on from the first step
         while self.state.step < total:
             micro, it, wait = self._next_micro_batches(it)
             result = self.train_step(micro)
@@ -266,7 +266,7 @@ class Trainer:
             if self._should(self.cfg.checkpoint.save_steps) and self.state.step < total:
                 self.save()
             self._maybe_inject_fault()
-            if self.preemption is not None and self.preemption.should_stop(self.engine.device):
+            if self.preemption.should_stop():
                 history["stopped"] = "preempted"
                 self.save()
                 break
@@ -278,11 +278,66 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
+CONFUSION_FILE = "confusion_matrix.json"
+
+
+@dataclass
+class Evaluation:
+    """One eval: its metrics (logged; the same on every rank), the classification confusion matrix and the
+    eval.generate_samples generations (`write` puts both in the run dir)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    confusion: dict[str, Any] | None = None
+    generations: list[dict] = field(default_factory=list)
+
+    def write(self, run_dir: Path) -> None:
+        """confusion_matrix.json and generations.jsonl, replacing the previous eval's (call it on one rank)."""
+        if self.confusion is not None:
+            (Path(run_dir) / CONFUSION_FILE).write_text(json.dumps(self.confusion) + "\n")
+        if self.generations:
+            write_generations(self.generations, Path(run_dir))
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any) -> Evaluation:
+    """Validation metrics of the engine's model over `val_set`, reduced across ranks (none without a set), plus
+    generation metrics when eval.generate_samples is set. Collective: every rank calls it."""
+    if val_set is None or len(val_set) == 0:
+        return Evaluation()
+    env, causal = engine.env, cfg.model.task == "causal_lm"
+    loader, _ = build_loader(val_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=False,
+                             seed=cfg.train.seed)
+    limit = cfg.train.eval_max_batches or len(loader)
+    n_batches = int(engine.all_reduce_max(torch.tensor(min(len(loader), limit), device=engine.device)))
+    engine.model.eval()
+    tally = EvalTally(cfg, engine.device, class_names(val_set, cfg.model.num_labels))
+    batches, filler = iter(loader), None
+    for _ in range(n_batches):
+        batch = next(batches, None)
+        if batch is None:  # this rank ran out: a filler forward keeps sharded engines' collectives in step
+            engine.forward(model_inputs(filler))
+            continue
+        batch = to_device(batch, engine.device)
+        filler = filler if filler is not None else batch
+        tally.add(engine.forward(model_inputs(batch)), batch, causal)
+    generated, generations = generation_eval(cfg, engine, val_set, tokenizer)
+    engine.model.train()
+    metrics, confusion = tally.result(engine)
+    return Evaluation({**metrics, **generated}, confusion, generations)
+
+
+def class_names(val_set: Any, num_labels: int) -> list[str]:
+    """Class names in index order as the validation labels record them (data.label_names or the data's own
+    label strings), else the class indices."""
+    names = list(getattr(val_set.features.get("labels"), "names", None) or [])
+    return names + [str(i) for i in range(len(names), num_labels)]
+
+
 class EvalTally:
     """Sums of loss/targets (and a confusion matrix for classification), reduced across ranks at the end."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, names: list[str] | None = None):
         self.task = cfg.model.task
+        self.names = names
         self.loss = torch.zeros(2, dtype=torch.float64, device=device)
         classes = cfg.model.num_labels if self.task == "classification" else 1
         self.confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
@@ -295,23 +350,37 @@ class EvalTally:
             self.confusion.index_put_((batch["labels"], preds), torch.ones_like(preds, dtype=torch.float64),
                                       accumulate=True)
 
-    def result(self, engine: Engine) -> dict[str, float]:
+    def result(self, engine: Engine) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """The metrics, and for classification the confusion matrix as {labels, matrix} (matrix[true][predicted])."""
         loss_sum_, count = engine.all_reduce_sum(self.loss).tolist()
         loss = loss_sum_ / max(count, 1.0)
         result = {"eval/loss": loss}
         if self.task == "causal_lm":
             result["eval/perplexity"] = math.exp(min(loss, 50.0))
-        if self.task == "classification":
-            result.update(classification_metrics(engine.all_reduce_sum(self.confusion)))
-        return result
+        if self.task != "classification":
+            return result, None
+        confusion = engine.all_reduce_sum(self.confusion).cpu()
+        names = self.names or [str(i) for i in range(len(confusion))]
+        result.update(classification_metrics(confusion, names))
+        return result, {"labels": names, "matrix": confusion.long().tolist()}
 
 
-def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy and macro-F1 from a (true, predicted) confusion matrix."""
+def classification_metrics(confusion: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Accuracy; per-class precision, recall and F1 (`eval/precision_<name>`, ...); and their macro averages over
+    the classes that occur as a label or a prediction (scikit-learn's convention), from a confusion matrix
+    indexed [true, predicted]."""
     tp = confusion.diag()
-    precision = tp / confusion.sum(0).clamp(min=1)
-    recall = tp / confusion.sum(1).clamp(min=1)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    precision = tp / predicted.clamp(min=1)
+    recall = tp / actual.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    present = confusion.sum(1) > 0
-    return {"eval/accuracy": float(tp.sum() / confusion.sum().clamp(min=1)),
-            "eval/f1": float(f1[present].mean()) if present.any() else 0.0}
+    present = (predicted + actual) > 0
+
+    def macro(values: torch.Tensor) -> float:
+        return float(values[present].mean()) if present.any() else 0.0
+
+    metrics = {"eval/accuracy": float(tp.sum() / confusion.sum().clamp(min=1)), "eval/f1": macro(f1),
+               "eval/precision": macro(precision), "eval/recall": macro(recall)}
+    for name, p, r, f in zip(names, precision.tolist(), recall.tolist(), f1.tolist()):
+        metrics.update({f"eval/precision_{name}": p, f"eval/recall_{name}": r, f"eval/f1_{name}": f})
+    return metrics

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import TINY, dist_tune, read_metrics, wandb_history
@@ -32,6 +33,13 @@ def test_training_learns_and_writes_a_complete_run_dir(finished_run):
         assert (run_dir / name).is_file(), name
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["step_00000010", "step_00000020"]  # save_total_limit=2, no save at the final step
+
+
+def test_config_yaml_records_what_auto_resolved_to(finished_run):
+    run_dir, _ = finished_run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["model"]["dtype"], saved["engine"]["mixed_precision"]) == ("float32", "fp32")  # on a CPU
+    assert saved["data"]["padding_free"] is True
 
 
 def test_offline_wandb_run_holds_the_same_metrics_as_the_jsonl(finished_run):

@@ -52,7 +52,7 @@ def test_fp16_grad_scaler_skips_overflowing_steps_and_recovers(tmp_path):
     from dist_tune.engines.single import SingleEngine
 
     cfg = load_config(None, {"engine.mixed_precision": "fp16", "train.device": "cpu"})
-    engine = SingleEngine(cfg, detect({}))
+    engine = SingleEngine(cfg, detect({}), torch.device("cpu"))
     layer = torch.nn.Linear(4, 1)
     engine.prepare(layer, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, 10))
     before = layer.weight.detach().clone()
@@ -64,7 +64,7 @@ def test_fp16_grad_scaler_skips_overflowing_steps_and_recovers(tmp_path):
     assert torch.isfinite(torch.tensor(engine.step()))
     assert not torch.equal(layer.weight, before)
     engine.save(tmp_path)
-    restored = SingleEngine(cfg, detect({}))
+    restored = SingleEngine(cfg, detect({}), torch.device("cpu"))
     restored.prepare(torch.nn.Linear(4, 1), optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, 10))
     restored.load(tmp_path)
     assert restored.scaler.get_scale() == engine.scaler.get_scale()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,11 +17,11 @@ import torch
 from helpers import TINY
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, metrics
+from dist_tune import run as run_mod
 from dist_tune import trainer as trainer_mod
 from dist_tune.cli import main
 from dist_tune.config import Config
 from dist_tune.errors import TrainingError, UserError
-from dist_tune.run import build_trainer
 from dist_tune.trainer import Trainer
 
 MODEL = "tiny-llama"
@@ -122,11 +123,9 @@ def test_broken_checkpoint_is_ignored_with_a_warning_and_resume_falls_back(tmp_p
     # resume (train.resume=auto) continues from the previous complete checkpoint
     assert ckpt.resume_checkpoint(tmp_path, "auto", MODEL) == good
     engine = FakeEngine()
-    stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(resume="auto")), run_dir=tmp_path,
-                           state=ckpt.TrainState(model_name=MODEL), engine=engine)
-    Trainer.resume_if_requested(stub)
+    state = run_mod.resume_state(engine, ckpt.resume_checkpoint(tmp_path, "auto", MODEL), MODEL)
     assert engine.loaded_from == good and engine.payload == b"weights-3"
-    assert stub.state.step == 3
+    assert state.step == 3
     assert digest(good) == good_files
 
 
@@ -185,11 +184,16 @@ def test_crash_inside_engine_save_keeps_the_previous_checkpoint(tmp_path):
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No launcher variables; the preemption signal handlers a run installs are restored afterwards."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
                 "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def tiny_cfg(tmp_path: Path, **train) -> Config:
@@ -206,11 +210,19 @@ def tiny_cfg(tmp_path: Path, **train) -> Config:
 
 
 class ListMetrics:
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
         self.rows = []
 
     def log(self, step, values):
         self.rows.append((step, dict(values)))
+
+
+def build_trainer(cfg: Config, monkeypatch) -> Trainer:
+    """run.build_trainer on the CPU, with metrics kept in a list."""
+    monkeypatch.setattr(run_mod.metrics, "MetricsLogger", ListMetrics)
+    run_dir = run_mod.resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True)
+    return run_mod.build_trainer(cfg, cluster.detect(), torch.device("cpu"), run_dir)
 
 
 def nan_at(monkeypatch, trainer: Trainer, bad_steps: set[int]) -> list[dict[str, torch.Tensor]]:
@@ -237,8 +249,7 @@ def nan_at(monkeypatch, trainer: Trainer, bad_steps: set[int]) -> list[dict[str,
 
 
 def test_nan_policy_skip_skips_the_update_and_counts_it(tmp_path, monkeypatch, caplog, clean_env):
-    trainer = build_trainer(tiny_cfg(tmp_path, nan_policy="skip"), cluster.detect())
-    trainer.metrics = ListMetrics()
+    trainer = build_trainer(tiny_cfg(tmp_path, nan_policy="skip"), monkeypatch)
     snapshots = nan_at(monkeypatch, trainer, {2})
     with caplog.at_level(logging.WARNING, logger="dist_tune.trainer"):
         summary = trainer.train()
@@ -260,8 +271,7 @@ def test_nan_policy_skip_skips_the_update_and_counts_it(tmp_path, monkeypatch, c
 
 
 def test_nan_policy_stop_raises_one_line_training_error(tmp_path, monkeypatch, clean_env):
-    trainer = build_trainer(tiny_cfg(tmp_path, nan_policy="stop"), cluster.detect())
-    trainer.metrics = ListMetrics()
+    trainer = build_trainer(tiny_cfg(tmp_path, nan_policy="stop"), monkeypatch)
     snapshots = nan_at(monkeypatch, trainer, {2})
     with pytest.raises(TrainingError) as exc:
         trainer.train()
@@ -274,8 +284,7 @@ def test_nan_policy_stop_raises_one_line_training_error(tmp_path, monkeypatch, c
 
 
 def test_nan_policy_skip_stops_after_max_bad_steps_in_a_row(tmp_path, monkeypatch, clean_env):
-    trainer = build_trainer(tiny_cfg(tmp_path, nan_policy="skip", max_bad_steps=2, max_steps=6), cluster.detect())
-    trainer.metrics = ListMetrics()
+    trainer = build_trainer(tiny_cfg(tmp_path, nan_policy="skip", max_bad_steps=2, max_steps=6), monkeypatch)
     nan_at(monkeypatch, trainer, {2, 4, 5, 6})
     with pytest.raises(TrainingError, match="2 consecutive non-finite steps at step 5"):
         trainer.train()
