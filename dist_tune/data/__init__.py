@@ -1,5 +1,6 @@
 """Data layer: sources (files, shard directories, hf:NAME), formats (text, instruction, classification, chat),
-cached tokenization, packing, collation and a resumable distributed sampler."""
+cached tokenization, packing, weighted mixtures of several sources, collation and a resumable distributed
+sampler."""
 from dist_tune.data.collate import make_collator
 from dist_tune.data.formats import prompt_for, prompt_ids
 from dist_tune.data.loader import build_loader

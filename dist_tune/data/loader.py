@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from dist_tune.config import Config
 from dist_tune.data.collate import make_collator
+from dist_tune.data.mixture import Mixture
 from dist_tune.data.sampler import ResumableSampler
 from dist_tune.errors import DataError
 
@@ -23,9 +24,11 @@ def _seed_worker(worker_id: int) -> None:
 def build_loader(dataset, cfg: Config, tokenizer, *, rank: int, world_size: int, shuffle: bool,
                  seed: int) -> tuple[DataLoader, ResumableSampler]:
     """Training loader (shuffle=True: shuffled, equal whole batches on every rank) or evaluation loader
-    (shuffle=False: every sample once across ranks, last batch may be partial). Resume via sampler.set_epoch."""
+    (shuffle=False: every sample once across ranks, last batch may be partial); a Mixture is drawn anew each
+    epoch. Resume via sampler.set_epoch."""
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                               drop_last=shuffle)
+                               drop_last=shuffle,
+                               epoch_rows=dataset.epoch_rows if isinstance(dataset, Mixture) else None)
     batch_size = cfg.train.micro_batch_size
     if shuffle and len(sampler) < batch_size:
         raise DataError(f"the training set has {len(dataset)} rows, fewer than one batch of train.micro_batch_size="

@@ -5,17 +5,21 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import datasets
 
-from dist_tune.config import Config
+from dist_tune.config import Config, data_formats
 from dist_tune.data import chat
 from dist_tune.data.formats import (ENCODERS, check_fields, encode_labels, label_names, output_features,
                                     prompt_templates)
+from dist_tune.data.mixture import Mixture, describe, mix, source_config
 from dist_tune.data.packing import pack
 from dist_tune.data.sources import HUB, load_records, resolve_path
 from dist_tune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 LOADER_FIELDS = ("num_workers", "pin_memory", "cache_dir")
 
@@ -112,25 +116,16 @@ def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: l
     return encoded
 
 
-def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Train and validation datasets of model-ready rows: `input_ids`, `labels` and, when packed, `position_ids`.
-
-    Validation comes from data.validation_path (its `validation` split for `hf:` datasets), else a
-    data.validation_split hold-out seeded by train.seed, else is None. Classification labels are a ClassLabel
-    feature (`train.features['labels'].names`). format=chat gives a tokenizer without a chat_template the
-    default one (chat.DEFAULT_CHAT_TEMPLATE)."""
-    _check_config(cfg)
+def _build(cfg: Config, tokenizer, train_raw: datasets.Dataset, names: list[str] | None,
+           key: str = "data") -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Train and validation rows of the one source cfg.data names, its train records already loaded."""
     data = cfg.data
-    if data.format == "chat":
-        chat.ensure_chat_template(tokenizer)
-    train_raw = _load(cfg, data.path, "data.path", data.split)
     sources = {"path": _source_identity(data.path, train_raw), "validation_path": None}
-    names = label_names(cfg, train_raw)
     train_raw = _prepare(train_raw, cfg, names, data.path)
     val_raw, val_source = None, data.path
     if data.validation_path:
         val_source = data.validation_path
-        val_raw = _load(cfg, val_source, "data.validation_path", "validation")
+        val_raw = _load(cfg, val_source, f"{key}.validation_path", "validation")
         sources["validation_path"] = _source_identity(val_source, val_raw)
         val_raw = _prepare(val_raw, cfg, names, val_source)
     elif data.validation_split > 0:
@@ -139,3 +134,46 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset, datasets.D
     val = (_tokenize(val_raw, cfg, tokenizer, "validation", names, val_source, sources)
            if val_raw is not None else None)
     return train, val
+
+
+def _shared_label_names(configs: list[Config], raws: list[datasets.Dataset]) -> list[str] | None:
+    per_source = [label_names(c, raw) for c, raw in zip(configs, raws)]
+    for c, names in zip(configs[1:], per_source[1:]):
+        if names != per_source[0]:
+            raise DataError(f"data.sources have different classes ('{configs[0].data.path}': "
+                            f"{', '.join(per_source[0])}; '{c.data.path}': {', '.join(names)}); set data.label_names "
+                            "to the full list")
+    return per_source[0]
+
+
+def _build_mixture(cfg: Config, tokenizer) -> tuple[Mixture, datasets.Dataset | None]:
+    """Each of data.sources built on its own, then mixed by weight (train) and concatenated (validation)."""
+    configs = [source_config(cfg, source) for source in cfg.data.sources]
+    keys = [f"data.sources[{i}]" for i in range(len(configs))]
+    for c in configs:
+        _check_config(c)
+    raws = [_load(c, c.data.path, f"{key}.path", c.data.split) for c, key in zip(configs, keys)]
+    names = _shared_label_names(configs, raws)
+    parts = [_build(c, tokenizer, raw, names, key) for c, raw, key in zip(configs, raws, keys)]
+    mixture = mix([train for train, _ in parts], [s.weight for s in cfg.data.sources], cfg.train.seed)
+    for line in describe(mixture, cfg.data.sources, cfg.data.format):
+        log.info(line)
+    vals = [val for _, val in parts if val is not None]
+    return mixture, datasets.concatenate_datasets(vals) if vals else None
+
+
+def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset | Mixture, datasets.Dataset | None]:
+    """Train and validation datasets of model-ready rows: `input_ids`, `labels` and, when packed, `position_ids`.
+
+    Validation comes from data.validation_path (its `validation` split for `hf:` datasets), else a
+    data.validation_split hold-out seeded by train.seed, else is None. Classification labels are a ClassLabel
+    feature (`train.features['labels'].names`). format=chat gives a tokenizer without a chat_template the
+    default one (chat.DEFAULT_CHAT_TEMPLATE). With data.sources the train set is a Mixture and validation the
+    union of each source's validation rows."""
+    if "chat" in data_formats(cfg):
+        chat.ensure_chat_template(tokenizer)
+    if cfg.data.sources:
+        return _build_mixture(cfg, tokenizer)
+    _check_config(cfg)
+    train_raw = _load(cfg, cfg.data.path, "data.path", cfg.data.split)
+    return _build(cfg, tokenizer, train_raw, label_names(cfg, train_raw))
