@@ -314,6 +314,7 @@ def evaluate(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any) -> Evalu
     for _ in range(n_batches):
         batch = next(batches, None)
         if batch is None:  # this rank ran out: a filler forward keeps sharded engines' collectives in step
+            filler = filler if filler is not None else first_batch(cfg, val_set, tokenizer, engine.device)
             engine.forward(model_inputs(filler))
             continue
         batch = to_device(batch, engine.device)
@@ -323,6 +324,12 @@ def evaluate(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any) -> Evalu
     engine.model.train()
     metrics, confusion = tally.result(engine)
     return Evaluation({**metrics, **generated}, confusion, generations)
+
+
+def first_batch(cfg: Config, val_set: Any, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    """The validation set's first micro-batch (a filler for a rank whose own share is empty)."""
+    loader, _ = build_loader(val_set, cfg, tokenizer, rank=0, world_size=1, shuffle=False, seed=cfg.train.seed)
+    return to_device(next(iter(loader)), device)
 
 
 def class_names(val_set: Any, num_labels: int) -> list[str]:

@@ -54,3 +54,27 @@ def test_class_names_come_from_the_labels_feature_else_the_index():
         {"labels": datasets.ClassLabel(names=["bad", "good"])}))
     assert class_names(named, 3) == ["bad", "good", "2"]
     assert class_names(datasets.Dataset.from_dict({"labels": [0.5]}), 2) == ["0", "1"]
+
+
+def test_a_rank_with_no_validation_rows_still_runs_the_other_ranks_forward_count():
+    """Rank 1 of 2 with a one-row validation set has nothing to score but must forward once (sharded engines
+    gather weights in every forward); it uses the set's first batch as the filler."""
+    from dist_tune.cluster import ClusterEnv
+    from dist_tune.config import load_config
+    from dist_tune.data import build_datasets
+    from dist_tune.models import load_tokenizer
+    from dist_tune.trainer import evaluate
+
+    cfg = load_config(overrides={"model.name_or_path": "tiny-llama", "data.max_length": 64,
+                                 "data.prompt_template": "plain"})
+    tokenizer = load_tokenizer(cfg)
+    _, val_set = build_datasets(cfg, tokenizer)
+    one_row = val_set.select([0])
+    seen = []
+    model = torch.nn.Module()
+    engine = SimpleNamespace(env=ClusterEnv(rank=1, world_size=2, launcher="torchrun"), device=torch.device("cpu"),
+                             model=model, all_reduce_max=lambda t: torch.ones_like(t),
+                             all_reduce_sum=lambda t: t, forward=lambda inputs: seen.append(inputs["input_ids"]))
+    result = evaluate(cfg, engine, one_row, tokenizer)
+    assert len(seen) == 1 and seen[0].reshape(-1)[-len(one_row[0]["input_ids"]):].tolist() == one_row[0]["input_ids"]
+    assert result.metrics["eval/loss"] == 0.0  # nothing of this rank's own was scored
