@@ -17,12 +17,14 @@ Systems, each run as its own subprocess (`--worker SYSTEM`), one after another i
   hf_flat  the same with HF's padding-free `DataCollatorWithFlattening`: each micro-batch concatenated into one
            row with position ids restarting per example (no attention_mask; attention stays within an example).
   dt       dist_tune's real code path in-process: `dist_tune.run.train(cfg)` (what `dist-tune train` runs: engine
-           single, padding to the longest row of each micro-batch), with Trainer.train_step wrapped for timing.
+           single), with `data.padding_free=false`: padding to the longest row of each micro-batch, with Trainer.train_step wrapped for timing.
   dt_all_logits  dt with `train.target_logits_only=false`: logits and softmax at every position, as HF computes
            them (the effect of target-only logits alone).
   dt_pack  the same with `data.pack=true`: whole examples packed greedily into rows of at most max_length tokens,
            position ids restart per example (padding-free; attention stays within an example). A packed
            micro-batch of 8 rows holds several times more examples, so compare tokens/s, not steps/s.
+  dt_default  dist_tune with its defaults for the data path (data.padding_free=auto, train.target_logits_only=true):
+           what a user gets without setting any speed switch.
   dt_flat  dist_tune with `data.padding_free=true` (and `train.target_logits_only=true`): the same micro-batches
            as dt, concatenated without padding (dist_tune's counterpart of hf_flat).
 
@@ -59,15 +61,17 @@ from pathlib import Path
 from common import cpu_model, git_commit, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_pack")
+SYSTEMS = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_pack", "dt_default")
 LABELS = {"hf": "HF transformers.Trainer (pad to longest)",
           "hf_flat": "HF Trainer + DataCollatorWithFlattening (padding-free)",
           "dt_all_logits": "dist_tune (pad to longest, train.target_logits_only=false)",
           "dt": "dist_tune (pad to longest)", "dt_flat": "dist_tune data.padding_free=true",
-          "dt_pack": "dist_tune data.pack=true (packed rows)"}
-DT_OVERRIDES = {"dt": {}, "dt_all_logits": {"train.target_logits_only": False}, "dt_pack": {"data.pack": True},
-                "dt_flat": {"data.padding_free": True, "train.target_logits_only": True}}
-SAME_BATCHES = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat")  # systems fed the same examples per step
+          "dt_pack": "dist_tune data.pack=true (packed rows)", "dt_default": "dist_tune defaults"}
+DT_OVERRIDES = {"dt": {"data.padding_free": False},
+                "dt_all_logits": {"train.target_logits_only": False, "data.padding_free": False},
+                "dt_pack": {"data.pack": True}, "dt_flat": {"data.padding_free": True, "train.target_logits_only": True},
+                "dt_default": {}}
+SAME_BATCHES = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_default")  # systems fed the same examples per step
 DEFAULT_MAX_LENGTH = {"mixed": 1024, "bundled": 256}
 BUNDLED = "bundled:instructions"
 MIXED_SEED = 0
@@ -210,7 +214,7 @@ def run_dt(args: argparse.Namespace, workdir: str) -> dict:
         clock.examples.append(sum(s[2] for s in stats))
         clock.losses.append(result.loss)
         assert clock.tokens[-1] == result.tokens, (clock.tokens[-1], result.tokens)
-        seen.update(rows=len(self.train_set), optimizer=self.engine.optimizer)
+        seen.update(rows=len(self.loader.dataset), optimizer=self.engine.optimizer)
         return result
 
     Trainer.train_step = timed_step  # this worker process runs nothing else

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import TINY, dist_tune, read_metrics
 
+pytestmark = pytest.mark.slow
+
 STEPS, SAVE = 10, 3
 RTOL = 1e-6
 

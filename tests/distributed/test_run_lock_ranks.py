@@ -1,6 +1,8 @@
 """Two ranks and a locked run dir: rank 0 finds the lock held, and every rank stops with the same line (no hang)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import socket
@@ -9,6 +11,7 @@ from helpers import TINY, dist_tune
 from dist_tune.run_lock import LOCK_NAME
 
 
+@pytest.mark.slow
 def test_every_rank_stops_with_the_holder_named_when_the_run_dir_is_locked(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

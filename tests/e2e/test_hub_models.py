@@ -2,6 +2,8 @@
 train (2 ranks: each node's local rank 0 resolves first), eval and merge-adapter of the run resolve it again."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import yaml
@@ -12,6 +14,7 @@ from dist_tune.models import load_model, load_tokenizer
 from helpers import TINY, dist_tune, hub_snapshot, read_metrics
 
 
+@pytest.mark.slow
 def test_train_eval_and_merge_a_lora_chat_run_from_a_cached_hub_id(tmp_path):
     cache = tmp_path / "hub"
     cfg = load_config(None, {"model.name_or_path": "tiny-llama", "model.dtype": "float32"})

@@ -9,6 +9,7 @@ from helpers import TINY, dist_tune, read_metrics
 SOURCES = "--data.sources=[{path: bundled:instructions, weight: 3}, {path: bundled:chat, format: chat, weight: 1}]"
 
 
+@pytest.mark.slow
 def test_mixture_trains_records_its_sources_and_resumes_on_the_next_batch(tmp_path):
     common = [*TINY, SOURCES, "--optim.lr=3e-3", "--train.max_steps=6", "--checkpoint.save_steps=3",
               "--log.log_steps=1", "--train.eval_steps=null", f"--train.output_dir={tmp_path}"]

@@ -29,6 +29,7 @@ def runs(runs_root):
     return out
 
 
+@pytest.mark.slow
 def test_every_variant_trains_exactly_like_padded_rows(runs):
     reference = read_metrics(runs["padded"][0])
     eval_reference = runs["padded"][1]["final_eval_loss"]
@@ -63,6 +64,7 @@ def test_eval_command_reproduces_the_padding_free_runs_eval_loss(runs):
         summary["final_eval_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_rows_train_and_reload(runs_root):
     name = "pf-packed"
     proc = dist_tune("train", *COMMON, "--data.pack=true", f"--train.output_dir={runs_root}", f"--train.run_name={name}")

@@ -93,6 +93,7 @@ def test_eval_and_generate_commands(finished_run):
     assert "finished" in report and "30" in report
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(runs_root):
     common = [*TINY, "--optim.lr=3e-3", "--train.grad_accum=2", "--checkpoint.save_steps=3",
               "--log.log_steps=1", f"--train.output_dir={runs_root}"]
