@@ -1,4 +1,5 @@
-"""Model and tokenizer loading: a local HF directory, or a named random-init preset with the shipped tokenizer."""
+"""Model and tokenizer loading: a local HF directory, a Hugging Face Hub id (via the hub cache), or a named
+random-init preset with the shipped tokenizer."""
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dist_tune import attention
-from dist_tune.config import (Config, bf16_device, flattened, resolve_padding_free, resolve_precision,
+from dist_tune import attention, hub
+from dist_tune.config import (Config, ModelConfig, bf16_device, flattened, resolve_padding_free, resolve_precision,
                               uses_target_logits)
 from dist_tune.errors import UserError
 
@@ -39,23 +40,38 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-    """The model directory's tokenizer, or the shipped one for presets; a pad token is always set."""
-    source = TOKENIZER_DIR if cfg.model.name_or_path in PRESETS else _model_dir(cfg.model.name_or_path)
+    """The model directory's tokenizer, or the shipped one for presets; a pad token is always set, and a chat
+    template for chat data (so every directory saved with it renders conversations as training did)."""
+    source = TOKENIZER_DIR if cfg.model.name_or_path in PRESETS else _model_dir(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise UserError(f"tokenizer at '{source}' has no pad, eos or unk token; add a pad token to its tokenizer_config.json")
+    if cfg.data.format == "chat":
+        from dist_tune.data.chat import ensure_chat_template
+
+        ensure_chat_template(tokenizer)
     return tokenizer
 
 
-def _model_dir(name_or_path: str) -> Path:
-    path = Path(name_or_path).expanduser()
+def fetch_model(cfg: Config) -> None:
+    """Put a hub model's config, tokenizer and weights in the local hub cache (presets and directories: checked)."""
+    if cfg.model.name_or_path not in PRESETS:
+        _model_dir(cfg.model, weights=True)
+
+
+def _model_dir(model: ModelConfig, weights: bool = False) -> Path:
+    """model.name_or_path as a local directory: itself, or a hub id's snapshot in the hub cache (weights: with
+    its safetensors, else only config and tokenizer files)."""
+    path = Path(model.name_or_path).expanduser()
+    if not path.is_dir() and hub.is_hub_id(model.name_or_path):
+        path = hub.snapshot(model.name_or_path, model.revision, weights=weights)
     if not path.is_dir():
-        raise UserError(f"model path '{name_or_path}' not found; set model.name_or_path to a local HF model "
-                        f"directory or a preset ({', '.join(PRESETS)})")
+        raise UserError(f"model path '{model.name_or_path}' not found; set model.name_or_path to a local HF model "
+                        f"directory, a Hugging Face Hub id or a preset ({', '.join(PRESETS)})")
     if not (path / "config.json").is_file():
-        raise UserError(f"model path '{name_or_path}' has no config.json, so it is not a HF model directory; "
+        raise UserError(f"model path '{model.name_or_path}' has no config.json, so it is not a HF model directory; "
                         "point model.name_or_path at the folder written by save_pretrained")
     return path
 
@@ -67,7 +83,7 @@ def model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase):
         hf_cfg = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
     else:
-        hf_cfg = AutoConfig.from_pretrained(str(_model_dir(cfg.model.name_or_path)))
+        hf_cfg = AutoConfig.from_pretrained(str(_model_dir(cfg.model)))
     if cfg.model.max_position_embeddings:
         hf_cfg.max_position_embeddings = cfg.model.max_position_embeddings
     if cfg.model.task != "causal_lm":
@@ -152,7 +168,7 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
         if cfg.model.name_or_path in PRESETS or torch.device(device).type == "meta":  # meta: weights come later
             model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
         else:
-            model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=dtype,
+            model = auto.from_pretrained(str(_model_dir(cfg.model, weights=True)), config=hf_cfg, dtype=dtype,
                                          attn_implementation=attention_implementation(cfg))
     check_logits_to_keep(cfg, model)
     return model
@@ -174,7 +190,7 @@ def load_4bit(cfg: Config, hf_cfg, auto) -> torch.nn.Module:
                                bnb_4bit_compute_dtype=compute)
     if cfg.model.name_or_path in PRESETS:
         raise UserError("peft.load_in_4bit quantises pretrained weights; point model.name_or_path at a local model")
-    model = auto.from_pretrained(str(_model_dir(cfg.model.name_or_path)), config=hf_cfg, dtype=compute,
+    model = auto.from_pretrained(str(_model_dir(cfg.model, weights=True)), config=hf_cfg, dtype=compute,
                                  quantization_config=quant, device_map={"": torch.cuda.current_device()},
                                  attn_implementation=attention_implementation(cfg))
     check_logits_to_keep(cfg, model)
@@ -191,14 +207,17 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+BLOCK_LISTS = ("layers", "layer", "h", "blocks")
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks of a HF model (peft-wrapped or not)."""
+    """The repeated transformer blocks of a HF model (peft-wrapped or not): Llama's `model.layers`, GPT-2's
+    `transformer.h`, BERT's `bert.encoder.layer`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for holder in (getattr(base, "model", None), getattr(base, base.base_model_prefix, None), base):
-        for attr in ("layers", "layer", "h", "blocks"):
-            container = getattr(holder, attr, None) if holder is not None else None
-            if container is None and holder is not None and hasattr(holder, "encoder"):
-                container = getattr(holder.encoder, attr, None)
+    backbone = getattr(base, base.base_model_prefix, base)
+    for holder in (backbone, getattr(backbone, "encoder", None), getattr(backbone, "decoder", None)):
+        for attr in BLOCK_LISTS:
+            container = getattr(holder, attr, None)
             if isinstance(container, torch.nn.ModuleList):
                 return list(container)
     return []

@@ -18,8 +18,17 @@ def _task_type(cfg: Config) -> str:
     return "CAUSAL_LM" if cfg.model.task == "causal_lm" else "SEQ_CLS"
 
 
+def has_conv1d(model: torch.nn.Module) -> bool:
+    """GPT-2 style models keep linear weights transposed in transformers' Conv1D; peft adapters on them need
+    fan_in_fan_out=True."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in model.modules())
+
+
 def peft_config(cfg: Config, model: torch.nn.Module):
-    """The peft config object for peft.method (lora, dora, prefix_tuning, prompt_tuning, ia3, adapter)."""
+    """The peft config object for peft.method (lora, dora, prefix_tuning, prompt_tuning, ia3, adapter). Unset
+    peft.target_modules: peft's default for the architecture (Llama q_proj/v_proj, GPT-2 c_attn, BERT query/value)."""
     import peft
 
     p, task = cfg.peft, _task_type(cfg)
@@ -28,14 +37,15 @@ def peft_config(cfg: Config, model: torch.nn.Module):
         targets = "all-linear"
     if p.method in ("lora", "dora"):
         return peft.LoraConfig(task_type=task, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
-                               target_modules=targets, use_dora=p.method == "dora")
+                               target_modules=targets, use_dora=p.method == "dora",
+                               fan_in_fan_out=has_conv1d(model))
     if p.method == "prefix_tuning":
         return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
     if p.method == "prompt_tuning":
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens)
     if p.method == "ia3":
         return peft.IA3Config(task_type=task, target_modules=targets,
-                              feedforward_modules=[] if targets else None)
+                              feedforward_modules=[] if targets else None, fan_in_fan_out=has_conv1d(model))
     if p.method == "adapter":
         if cfg.model.task != "causal_lm":
             raise UserError("peft.method=adapter (LLaMA-Adapter) supports model.task=causal_lm only; use lora")

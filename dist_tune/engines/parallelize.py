@@ -32,10 +32,19 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Second names of shared parameters (GPT-2's `lm_head.weight`, tied to the input embedding), which sharded
+    engines' state dicts list beside the first."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a trainable-state dict into the model, requiring exactly the same keys and shapes."""
+    """Copy a trainable-state dict into the model, requiring exactly the same keys and shapes (tied aliases
+    aside)."""
     from dist_tune.errors import UserError
 
+    aliases = tied_aliases(model)
+    state = {k: v for k, v in state.items() if k not in aliases}
     own = dict(model.named_parameters())
     expected = {n for n, p in own.items() if p.requires_grad}
     if set(state) != expected:
