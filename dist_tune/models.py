@@ -17,8 +17,8 @@ from transformers import (
 )
 
 from dist_tune import attention, hub
-from dist_tune.config import (Config, ModelConfig, bf16_device, flattened, resolve_padding_free, resolve_precision,
-                              uses_target_logits)
+from dist_tune.config import (Config, ModelConfig, bf16_device, data_formats, flattened, resolve_padding_free,
+                              resolve_precision, uses_target_logits)
 from dist_tune.errors import UserError
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -48,7 +48,7 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise UserError(f"tokenizer at '{source}' has no pad, eos or unk token; add a pad token to its tokenizer_config.json")
-    if cfg.data.format == "chat":
+    if "chat" in data_formats(cfg):  # the run's own format or a chat source of a mixture
         from dist_tune.data.chat import ensure_chat_template
 
         ensure_chat_template(tokenizer)

@@ -169,3 +169,9 @@ def test_chat_runs_load_a_tokenizer_that_saves_the_chat_template(cache, tmp_path
         load_tokenizer(cfg_for("acme/tiny", **{"data.format": data_format})).save_pretrained(tmp_path / data_format)
         saved = tmp_path / data_format / "chat_template.jinja"
         assert (saved.read_text() if saved.exists() else None) == template
+
+
+def test_a_mixture_with_a_chat_source_saves_the_chat_template(cache, tmp_path):
+    sources = '[{path: "bundled:instructions", weight: 3}, {path: "bundled:chat", format: chat}]'
+    load_tokenizer(cfg_for("acme/tiny", **{"data.sources": sources})).save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
