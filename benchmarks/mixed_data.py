@@ -91,6 +91,9 @@ def write_mixed_instructions(path: str | Path, n_rows: int = 3000, seed: int = 0
     while (excess := example_lengths(rows, tokenizer) - max_tokens).max() > 0:
         for i in np.flatnonzero(excess > 0):
             n_context[i] -= excess[i]
+            if n_context[i] < 1:
+                raise ValueError(f"max_tokens={max_tokens} leaves no room for a context in row {i} (its instruction "
+                                 "and answer alone are longer); raise max_tokens")
             rows[i] = _with_context(picked[i], corpus.cut(starts[i], n_context[i]))
     Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return length_stats(str(path), max_tokens)
