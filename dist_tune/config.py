@@ -464,6 +464,12 @@ def resolve_precision(cfg: Config, bf16: bool) -> Config:
     return cfg
 
 
+def qlora_compute_dtype(cfg: Config) -> str:
+    """The dtype a 4-bit (QLoRA) base computes in, and an unquantised copy of it is merged in: model.dtype when it
+    is 16-bit, else bfloat16."""
+    return cfg.model.dtype if cfg.model.dtype in ("bfloat16", "float16") else "bfloat16"
+
+
 def bf16_device(device) -> bool:
     """True for a CUDA device that computes in bfloat16 (Ampere and later); CPUs train in fp32."""
     import torch

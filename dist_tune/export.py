@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from dist_tune import checkpoint as ckpt
-from dist_tune.config import Config, config_from_dict, read_yaml
+from dist_tune.config import Config, config_from_dict, qlora_compute_dtype, read_yaml
 from dist_tune.engines.parallelize import load_trainable_state
 from dist_tune.errors import UserError
-from dist_tune.models import load_model, load_tokenizer, qlora_compute_dtype
+from dist_tune.models import load_model, load_tokenizer
 from dist_tune.peft import build_model, is_peft_model
 
 # what each peft method learns that is not a weight of the base model, so cannot be merged into it
@@ -81,7 +81,7 @@ def unquantised_base(cfg: Config) -> Config:
         return cfg
     base = copy.deepcopy(cfg)
     base.peft.load_in_4bit = False
-    base.model.dtype = str(qlora_compute_dtype(cfg)).removeprefix("torch.")
+    base.model.dtype = qlora_compute_dtype(cfg)
     return base
 
 

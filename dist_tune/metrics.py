@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from dist_tune.config import Config, WandbConfig
+from dist_tune.config import Config, WandbConfig, qlora_compute_dtype
 from dist_tune.errors import UserError
 
 log = logging.getLogger("dist_tune")
@@ -79,12 +79,12 @@ class FlopsModel:
 
 
 def compute_dtype(cfg: Config) -> str:
-    """The dtype the matmuls run in: engine.mixed_precision when bf16/fp16, else model.dtype; a QLoRA base
-    computes in bf16 unless model.dtype is fp16."""
+    """The dtype the matmuls run in: engine.mixed_precision when bf16/fp16, else model.dtype, or for a QLoRA
+    base its compute dtype (config.qlora_compute_dtype)."""
     if cfg.engine.mixed_precision in ("bf16", "fp16"):
         return cfg.engine.mixed_precision
-    dtype = _DTYPE_ALIASES.get(cfg.model.dtype, cfg.model.dtype)
-    return "bf16" if cfg.peft.load_in_4bit and dtype == "fp32" else dtype
+    dtype = qlora_compute_dtype(cfg) if cfg.peft.load_in_4bit else cfg.model.dtype
+    return _DTYPE_ALIASES.get(dtype, dtype)
 
 
 def peak_flops_per_device(device: torch.device, dtype: str) -> float | None:

@@ -17,8 +17,8 @@ from transformers import (
 )
 
 from dist_tune import attention, hub
-from dist_tune.config import (Config, ModelConfig, bf16_device, data_formats, flattened, resolve_padding_free,
-                              resolve_precision, uses_target_logits)
+from dist_tune.config import (Config, ModelConfig, bf16_device, data_formats, flattened, qlora_compute_dtype,
+                              resolve_padding_free, resolve_precision, uses_target_logits)
 from dist_tune.errors import UserError
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
@@ -148,12 +148,6 @@ def model_dtype(cfg: Config, device: torch.device | str) -> torch.dtype:
     return DTYPES[cfg.model.dtype]
 
 
-def qlora_compute_dtype(cfg: Config) -> torch.dtype:
-    """The dtype a 4-bit base computes in (and an unquantised copy of it is merged in): model.dtype when it is
-    16-bit, else bfloat16."""
-    return DTYPES[cfg.model.dtype] if cfg.model.dtype in ("bfloat16", "float16") else torch.bfloat16
-
-
 def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the preset (seeded random init) or load local weights, in model.dtype, on `device`."""
     hf_cfg = model_config(cfg, tokenizer)
@@ -185,7 +179,7 @@ def load_4bit(cfg: Config, hf_cfg, auto) -> torch.nn.Module:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    compute = qlora_compute_dtype(cfg)
+    compute = DTYPES[qlora_compute_dtype(cfg)]
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
     if cfg.model.name_or_path in PRESETS:
