@@ -219,6 +219,21 @@ def generation_eval(cfg: Config, engine: Engine, val_set: Any, tokenizer) -> tup
     return generation_metrics([r["output"] for r in rows], [r["reference"] for r in rows]), rows
 
 
+def format_answers(rows: list[dict], special_tokens: list[str], shown: int = 3) -> str:
+    """The end-of-run block: exact match over the validation prompts answered (as eval/exact_match counts it)
+    and the first `shown` prompts with their expected and generated answers, one line each part."""
+    right = [row["output"].strip() == row["reference"].strip() for row in rows]
+    lines = [f"exact match on {len(rows)} held-out validation prompts: {sum(right) / len(rows):.1%} "
+             f"({sum(right)} of {len(rows)})"]
+    for row, ok in list(zip(rows, right))[:shown]:
+        prompt = row["prompt"]
+        for token in special_tokens:
+            prompt = prompt.replace(token, "")
+        lines += [f"  prompt:   {' | '.join(line for line in prompt.splitlines() if line.strip())}",
+                  f"  expected: {row['reference']}", f"  model:    {row['output']}  ({'right' if ok else 'wrong'})"]
+    return "\n".join(lines)
+
+
 def write_generations(rows: list[dict], run_dir: Path) -> None:
     """generations.jsonl: one {prompt, reference, output} object per line, replacing the previous eval's."""
     path = Path(run_dir) / GENERATIONS_FILE

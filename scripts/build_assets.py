@@ -1,6 +1,9 @@
-"""Generate the bundled datasets and tokenizer under dist_tune/assets/ (deterministic: seeded, no network).
+"""Generate the bundled datasets (with --tokenizer also the tokenizer) under dist_tune/assets/, seeded, offline.
 
-Usage: python scripts/build_assets.py [--seed 1234]
+Usage: python scripts/build_assets.py [--seed 1234] [--tokenizer]
+
+The shipped tokenizer was trained (--tokenizer) on an earlier instructions.jsonl of all ten tasks; the data files
+are rebuilt without touching it.
 """
 from __future__ import annotations
 
@@ -97,14 +100,53 @@ def _first_last(rng):
     return "What is the last word in the list?", " ".join(w), w[-1]
 
 
+# The tasks of the chat conversations, recall (capitals, antonyms) included.
 TASKS = (_reverse, _upper, _add, _sort_numbers, _sort_letters, _antonym, _capital, _count, _repeat, _first_last)
 
 
+def _first_word(rng):
+    w = _words(rng, 2, 6)
+    return "What is the first word?", " ".join(w), w[0]
+
+
+def _last_word(rng):
+    w = _words(rng, 2, 6)
+    return "What is the last word?", " ".join(w), w[-1]
+
+
+def _count_words(rng):
+    w = _words(rng, 1, 6)
+    return "How many words are there?", " ".join(w), str(len(w))
+
+
+def _capital_letters(rng):
+    w = _words(rng, 1, 3)
+    return "Write the words in capital letters.", " ".join(w), " ".join(w).upper()
+
+
+def _repeat_word(rng):
+    word, n = rng.choice(WORDS), rng.randint(2, 4)
+    return f"Repeat the word {n} times.", word, " ".join([word] * n)
+
+
+def _reverse_words(rng):
+    w = _words(rng, 2, 4)
+    return "Reverse the order of the words.", " ".join(w), " ".join(w[::-1])
+
+
+# Answered from the prompt alone by a rule (unlike a capital or an antonym, which only memory gives), so a model
+# can answer prompts it never saw; short enough that the demo's small model learns them in about a minute.
+RULE_TASKS = (_first_word, _last_word, _count_words, _capital_letters, _repeat_word, _reverse_words)
+
+
 def instructions(rng: random.Random, n: int) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        instruction, inp, out = rng.choice(TASKS)(rng)
-        rows.append({"instruction": instruction, "input": inp, "output": out})
+    """n rows of RULE_TASKS, no prompt twice: rows held out of any split ask what no training row asks."""
+    rows, prompts = [], set()
+    while len(rows) < n:
+        instruction, inp, out = rng.choice(RULE_TASKS)(rng)
+        if (instruction, inp) not in prompts:
+            prompts.add((instruction, inp))
+            rows.append({"instruction": instruction, "input": inp, "output": out})
     return rows
 
 
@@ -244,6 +286,8 @@ def train_tokenizer(files: list[Path], out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tokenizer", action="store_true",
+                        help="also retrain the tokenizer on the data (changes every token id; the shipped one is kept)")
     args = parser.parse_args()
     data = ASSETS / "data"
     files = {"instructions.jsonl": instructions(random.Random(args.seed), 3000),
@@ -254,6 +298,8 @@ def main() -> None:
         print(f"{name}: {len(rows)} rows, {(data / name).stat().st_size / 1024:.0f} KiB")
     write_jsonl(data / "chat.jsonl", chats(random.Random(args.seed + 3), 300))  # not in the tokenizer's corpus
     print(f"chat.jsonl: 300 rows, {(data / 'chat.jsonl').stat().st_size / 1024:.0f} KiB")
+    if not args.tokenizer:
+        return
     train_tokenizer([data / name for name in files], ASSETS / "tokenizer")
     size = sum(p.stat().st_size for p in (ASSETS / "tokenizer").iterdir())
     print(f"tokenizer: {size / 1024:.0f} KiB")

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Overrides that shrink a run to a 2-layer, 64-wide Llama on short plain-template prompts.
 TINY_OVERRIDES = ["--model.name_or_path=tiny-llama", "--data.max_length=64", "--data.prompt_template=plain",
                   "--train.micro_batch_size=4", "--optim.warmup_steps=0", "--checkpoint.save_steps=null",
-                  "--log.progress=false", "--log.wandb.mode=disabled", "--train.eval_max_batches=2"]
+                  "--log.progress=false", "--log.wandb.mode=disabled", "--train.eval_max_batches=2",
+                  "--eval.generate_samples=0"]
 # The packaged demo recipe (`--config=demo`, the positional CONFIG of `dist-tune train`) with those overrides.
 TINY = ["--config=demo", *TINY_OVERRIDES]
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "slurm"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
             "OUT_OF_MEMORY"}
-TINY = ["--config=demo", "--model.name_or_path=tiny-llama"]  # the packaged demo recipe with a 2-layer model
+TINY = ["--config=demo", "--model.name_or_path=tiny-llama", "--eval.generate_samples=0"]  # the demo recipe, 2 layers, no generation
 JOB_TIMEOUT_S = 420
 
 

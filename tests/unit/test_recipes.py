@@ -103,7 +103,7 @@ def test_no_arguments_is_the_demo_any_override_starts_from_the_defaults(capsys):
     assert (bare["train"]["max_steps"], bare["train"]["eval_max_batches"], bare["optim"]["lr"]) == \
         (defaults.max_steps, defaults.eval_max_batches, Config().optim.lr) == (None, None, 3e-4)
     extended = shown("demo", "--train.epochs=1")
-    assert (extended["train"]["max_steps"], extended["optim"]["lr"]) == (demo.train.max_steps, 2e-3)
+    assert (extended["train"]["max_steps"], extended["optim"]["lr"]) == (demo.train.max_steps, 7e-4)
 
 
 def test_changed_values_name_their_source(tmp_path):
@@ -113,7 +113,7 @@ def test_changed_values_name_their_source(tmp_path):
     assert changed_values(cfg, sources) == [  # scheduler and max_length are set to their defaults: not listed
         "peft.method = lora (command line)", f"optim.lr = 0.01 ({path})", "train.max_steps = 5 (command line)"]
     demo, sources = load_with_sources(resolve_recipe("demo"), {}, "recipe demo")
-    assert "optim.lr = 0.002 (recipe demo)" in changed_values(demo, sources)
+    assert "optim.lr = 0.0007 (recipe demo)" in changed_values(demo, sources)
     assert not any(line.startswith(("optim.scheduler", "log.log_steps")) for line in changed_values(demo, sources))
 
 
@@ -125,9 +125,9 @@ def test_train_logs_every_changed_value_with_its_source(monkeypatch, capsys):
     main(["train", "demo", "--optim.lr=0.01", "--train.max_steps=3"])
     err = capsys.readouterr().err
     logged = re.findall(r"INFO dist_tune\.cli: \[rank 0\] config: (.*)", err)
-    assert logged[0] == "11 values differ from the library defaults"
+    assert logged[0] == "13 values differ from the library defaults"
     assert {"optim.lr = 0.01 (command line)", "train.max_steps = 3 (command line)",
-            "model.name_or_path = small-llama (recipe demo)", "optim.warmup_steps = 20 (recipe demo)"} <= set(logged)
+            "model.name_or_path = small-llama (recipe demo)", "optim.warmup_steps = 50 (recipe demo)"} <= set(logged)
     assert trained[0].optim.lr == 0.01
 
 
