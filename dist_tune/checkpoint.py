@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +18,23 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+FINISHED = "summary.json"  # metrics.SUMMARY_NAME: written when a run ends
 
 
 @dataclass
 class TrainState:
-    """Where training is: enough to continue on exactly the next batch."""
+    """Where training is: enough to continue on exactly the next batch, at any world size. samples_in_epoch
+    counts the epoch's samples trained on over all ranks (the position in the epoch's order); world_size is the
+    saving run's (0 until saved)."""
     step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0
+    samples_in_epoch: int = 0
     best_metric: float | None = None
     evals_without_improvement: int = 0
     consecutive_bad_steps: int = 0
     skipped_steps: int = 0
     model_name: str = ""
+    world_size: int = 0
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -44,7 +48,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
 def is_complete(path: Path) -> bool:
     """A COMPLETE marker and a readable trainer_state.json that holds a TrainState."""
     try:
-        TrainState(**json.loads((path / STATE_FILE).read_text()))
+        read_state(path)
     except (OSError, ValueError, TypeError):
         return False
     return (path / COMPLETE).is_file()
@@ -72,6 +76,9 @@ def resume_checkpoint(run_dir: Path, mode: str, model_name: str) -> Path | None:
     if mode == "none":
         return None
     path = latest_checkpoint(run_dir) if mode == "auto" else Path(mode)
+    if path is None and (run_dir / FINISHED).is_file():
+        raise UserError(f"run dir {run_dir} holds a finished run and no checkpoint to continue from; use a new "
+                        "train.run_name, or train.resume=none to train it again from step 1, replacing it")
     if path is None:
         return None
     if not is_complete(path):
@@ -84,8 +91,30 @@ def resume_checkpoint(run_dir: Path, mode: str, model_name: str) -> Path | None:
     return path
 
 
-def read_state(path: Path) -> TrainState:
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+def check_world_size(path: Path, engine_kind: str, world_size: int) -> None:
+    """A DeepSpeed checkpoint resumes only at the world size that saved it (FSDP's DCP state reshards, the
+    others hold whole state); raises the UserError before any model is built."""
+    saved = read_state(path).world_size
+    if engine_kind == "deepspeed" and saved != world_size:
+        raise UserError(f"checkpoint {path} was saved by DeepSpeed on {saved} ranks and this run has {world_size}; "
+                        f"ZeRO checkpoints resume only at the world size that saved them: launch {saved} ranks, "
+                        "or start fresh with train.resume=none")
+
+
+def read_state(path: Path, micro_batch_size: int | None = None) -> TrainState:
+    """The checkpoint's TrainState. Checkpoints from before samples_in_epoch recorded micro-batches per rank and
+    no world size: it is the number of rng_rank*.pt files, and the position converts to samples given the
+    run's `micro_batch_size` (without it the position is left at 0: for checks that do not read it)."""
+    data = json.loads((path / STATE_FILE).read_text())
+    batches = data.pop("batches_in_epoch", None)
+    if batches is not None:
+        data["world_size"] = len(list(path.glob("rng_rank*.pt")))
+        if batches and micro_batch_size is not None:
+            if not data["world_size"]:
+                raise UserError(f"checkpoint {path} records neither its world size nor per-rank RNG files, so its "
+                                "position in the epoch is unknown; set train.resume=none to start fresh")
+            data["samples_in_epoch"] = batches * micro_batch_size * data["world_size"]
+    return TrainState(**data)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -128,7 +157,7 @@ def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int |
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     engine.barrier()
     if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(replace(state, world_size=engine.env.world_size)), indent=1))
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text("ok\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -152,4 +181,4 @@ def load_checkpoint(engine, path: Path) -> TrainState:
     rng_file = path / f"rng_rank{engine.env.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return read_state(path)
+    return read_state(path, engine.cfg.train.micro_batch_size)

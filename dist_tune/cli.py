@@ -54,6 +54,16 @@ def _flag(value) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes")
 
 
+def _answers(cfg: Config, run_dir: Path) -> str:
+    """The last eval's generation exact match and first answers (eval.generate_samples), prompts without the
+    tokenizer's special tokens."""
+    from dist_tune.generation import GENERATIONS_FILE, format_answers
+    from dist_tune.models import load_tokenizer
+
+    rows = [json.loads(line) for line in (run_dir / GENERATIONS_FILE).read_text().splitlines()]
+    return format_answers(rows, load_tokenizer(cfg).all_special_tokens)
+
+
 def train(config: str | None = None, *, dry_run: bool = False, **overrides) -> None:
     """Train. CONFIG is a YAML file or packaged recipe (with no arguments at all: the demo); overrides like
     --optim.lr=1e-4. --dry_run prints the plan (world size, batch, steps, memory, run dir, W&B) and exits."""
@@ -73,6 +83,8 @@ def train(config: str | None = None, *, dry_run: bool = False, **overrides) -> N
         log.info("config: %s", line)
     summary = run_train(cfg)
     if os.environ.get("RANK", "0") == "0":
+        if "final_eval_exact_match" in summary:
+            print(_answers(cfg, Path(summary["run_dir"])))
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, default=str))
 
 
@@ -112,11 +124,13 @@ def merge_adapter(run_dir: str, out: str | None = None) -> None:
     print(merge(Path(run_dir), out and Path(out)))
 
 
-def estimate_memory(config: str | None = None, world_size: int = 1, **overrides) -> None:
-    """Per-GPU model-state and activation memory estimate for a config at a world size."""
+def estimate_memory(config: str | None = None, world_size: int = 1, procs_per_node: int | None = None,
+                    **overrides) -> None:
+    """Per-GPU model-state and activation memory estimate for a config at a world size, and host RAM per node
+    (procs_per_node processes; default all on one node, up to 8) to load and to save the model."""
     from dist_tune.estimate import estimate, format_estimate
 
-    print(format_estimate(estimate(_config(config, overrides), world_size)))
+    print(format_estimate(estimate(_config(config, overrides), world_size, procs_per_node)))
 
 
 def report(run_dir: str) -> None:

@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,7 +104,9 @@ class EngineConfig:
     offload_params: bool = False
     ds_config: str | None = None
     reshard_after_forward: bool = True
+    sync_each_batch: bool = True
     cpu_offload: bool = False
+    replicate_degree: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
     timeout_minutes: float = 30.0
@@ -170,6 +173,7 @@ class CheckpointConfig:
     save_steps: int | None = None
     save_total_limit: int | None = 2
     save_final: bool = True
+    max_shard_size: str = "1GB"
 
 
 @dataclass
@@ -368,6 +372,8 @@ def validate(cfg: Config) -> Config:
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.eval.generate_samples >= 0, "eval.generate_samples must be >= 0 (0 turns generation metrics off)"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
+        (re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", cfg.checkpoint.max_shard_size, re.IGNORECASE) is not None,
+         f"checkpoint.max_shard_size={cfg.checkpoint.max_shard_size!r} is not a size; write it like 1GB or 500MB"),
         (not (cfg.model.task == "causal_lm" and "classification" in data_formats(cfg)),
          "data.format=classification needs model.task=classification or regression"),
         (not (cfg.model.task != "causal_lm" and data_formats(cfg) != {"classification"}),
@@ -376,8 +382,16 @@ def validate(cfg: Config) -> Config:
          "engine.offload_optimizer/offload_params are DeepSpeed options; set engine.kind=deepspeed or use engine.cpu_offload with fsdp"),
         (not (cfg.engine.cpu_offload and cfg.engine.kind != "fsdp"),
          "engine.cpu_offload is an FSDP option; set engine.kind=fsdp or use offload_optimizer with deepspeed"),
+        (cfg.engine.sync_each_batch or cfg.engine.kind == "fsdp",
+         "engine.sync_each_batch=false is an FSDP option (DDP and DeepSpeed reduce at the last micro-batch already); "
+         "remove it or set engine.kind=fsdp"),
         (not (cfg.engine.offload_params and cfg.engine.zero_stage != 3),
          "engine.offload_params needs engine.zero_stage=3"),
+        (cfg.engine.replicate_degree >= 1, "engine.replicate_degree must be >= 1"),
+        (cfg.engine.replicate_degree == 1 or cfg.engine.kind == "fsdp"
+         or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3),
+         "engine.replicate_degree (hierarchical sharding) needs engine.kind=fsdp, or deepspeed with "
+         "engine.zero_stage=3; set engine.replicate_degree=1"),
         (not (cfg.data.padding_free is True and cfg.model.task != "causal_lm"),
          "data.padding_free concatenates causal-LM rows; set data.padding_free=false for classification"),
         (not (flattened(cfg) and cfg.peft.method in VIRTUAL_TOKEN_METHODS),

@@ -15,8 +15,16 @@ ZeRO optimizers always keep a separate fp32 master partition (also in fp32 train
 (peft) weights cost only their storage bytes (0.5 with 4-bit QLoRA); peft keeps the adapters of LoRA, DoRA, IA3
 and prefix/prompt tuning in fp32 over any base dtype. `auto` precision is estimated as it resolves on a bf16 GPU
 (config.resolve_precision), the device an estimate is for. Sharding (`shard_factors`): ZeRO-1 splits
-the optimizer state, ZeRO-2 also the grads, ZeRO-3 and FSDP everything. What an offload option moves to the host
-is counted in `host_gib` instead.
+the optimizer state, ZeRO-2 also the grads, ZeRO-3 and FSDP everything; FSDP with engine.sync_each_batch=false and
+train.grad_accum > 1 keeps whole fp32 (reduce-dtype) gradients between micro-batches instead. What an offload
+option moves to the host is counted in `host_gib` instead.
+
+Host RAM per node (`HostMemory`), for loading the model and for the final save, is the process baseline
+(torch + transformers, PROCESS_GIB) plus what each process holds: loading, FSDP reads only its shard of the
+weights, ZeRO-3 builds the model partitioned (rank 0 reads each tensor and scatters it) and every other engine
+builds the whole model on the CPU first; saving, a peft run's
+rank 0 gathers only the adapters and full tuning writes safetensors files of at most checkpoint.max_shard_size,
+one per process at a time.
 
 The architecture comes from a preset or a local model directory (its config.json; no weights are read), or, for the
 hub ids in `KNOWN_SHAPES`, from a built-in copy of their config.json's shape, so estimating a recipe downloads nothing.
@@ -24,10 +32,12 @@ hub ids in `KNOWN_SHAPES`, from a built-in copy of their config.json's shape, so
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import AutoConfig
 
 from dist_tune.config import FP32_ADAPTER_METHODS, Config, resolve_precision
@@ -37,6 +47,7 @@ GIB = 1024 ** 3
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
+PROCESS_GIB = 0.6  # a process with torch + transformers imported (measured on CPU)
 
 _LLAMA3 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0)
 _LLAMA3_8B = dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
@@ -58,6 +69,14 @@ KNOWN_SHAPES: dict[str, dict] = {
 
 
 @dataclass
+class HostMemory:
+    """Peak host RAM of one node, GiB: loading the model and writing the final model."""
+    procs_per_node: int
+    load_gib: float
+    save_gib: float
+
+
+@dataclass
 class Estimate:
     params: int
     trainable: int
@@ -67,6 +86,7 @@ class Estimate:
     activations_gib: float
     logits_gib: float
     host_gib: float = 0.0  # model state an offload option keeps in host memory instead
+    host: HostMemory | None = None
 
     @property
     def total_gib(self) -> float:
@@ -168,21 +188,49 @@ def bytes_per_param(cfg: Config) -> BytesPerParam:
     return BytesPerParam(weights=weights, frozen=frozen, grads=weights, optimizer=optimizer)
 
 
-def estimate(cfg: Config, world_size: int = 1) -> Estimate:
+def grads_unsharded_between_micro_batches(cfg: Config) -> bool:
+    return cfg.engine.kind == "fsdp" and not cfg.engine.sync_each_batch and cfg.train.grad_accum > 1
+
+
+def partitioned_load(cfg: Config) -> bool:
+    """FSDP reads its shards; ZeRO-3 builds the model partitioned. Other engines hold it whole in every process."""
+    return cfg.engine.kind == "fsdp" or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3)
+
+
+def host_memory(cfg: Config, total: int, trainable: int, world_size: int, procs_per_node: int) -> HostMemory:
+    """Host RAM per node to load the model and to write the final model (see the module docstring)."""
+    storage = DTYPE_BYTES[cfg.model.dtype]
+    adapter = FP32 if cfg.peft.method in FP32_ADAPTER_METHODS else storage
+    model = (total - trainable) * storage + trainable * adapter
+    load = model / world_size if partitioned_load(cfg) else model
+    if cfg.peft.method != "full":
+        save, writers = trainable * adapter, 1
+    else:
+        max_shard = parse_size_to_int(cfg.checkpoint.max_shard_size)
+        save, writers = min(model, max_shard), min(procs_per_node, math.ceil(model / max_shard))
+    return HostMemory(procs_per_node, load_gib=procs_per_node * (PROCESS_GIB + load / GIB),
+                      save_gib=procs_per_node * PROCESS_GIB + writers * save / GIB)
+
+
+def estimate(cfg: Config, world_size: int = 1, procs_per_node: int | None = None) -> Estimate:
+    """Per-GPU memory at `world_size`, and host RAM per node with `procs_per_node` processes (default: all on one
+    node, up to 8)."""
     cfg = on_bf16_gpu(cfg)
     total, trainable, hf_cfg = count_from_config(cfg)
     precision = WEIGHT_BYTES[cfg.engine.mixed_precision]
     per = bytes_per_param(cfg)
     w, g, o = shard_factors(cfg.engine.kind, cfg.engine.zero_stage, world_size)
+    grads = trainable * (FP32 if grads_unsharded_between_micro_batches(cfg) else per.grads * g)
     state = {"weights": (trainable * per.weights + (total - trainable) * per.frozen) * w,
-             "grads": trainable * per.grads * g, "optimizer": trainable * per.optimizer * o}
+             "grads": grads, "optimizer": trainable * per.optimizer * o}
     e = cfg.engine  # FSDP's CPUOffloadPolicy keeps weights, grads and optimizer states on the host
     on_host = {"weights": e.offload_params or e.cpu_offload, "grads": e.cpu_offload,
                "optimizer": e.offload_optimizer or e.cpu_offload}
     gpu = {k: 0.0 if on_host[k] else v / GIB for k, v in state.items()}
     acts, logits = activation_bytes(hf_cfg, cfg, precision)
     return Estimate(total, trainable, gpu["weights"], gpu["grads"], gpu["optimizer"], acts / GIB, logits / GIB,
-                    host_gib=sum(v for k, v in state.items() if on_host[k]) / GIB)
+                    host_gib=sum(v for k, v in state.items() if on_host[k]) / GIB,
+                    host=host_memory(cfg, total, trainable, world_size, procs_per_node or min(world_size, 8)))
 
 
 def format_estimate(e: Estimate) -> str:
@@ -192,5 +240,8 @@ def format_estimate(e: Estimate) -> str:
             ("logits (fp32 + grad)", f"{e.logits_gib:.3f} GiB"), ("total per GPU", f"{e.total_gib:.3f} GiB")]
     if e.host_gib:
         rows.append(("offloaded to host", f"{e.host_gib:.3f} GiB per process"))
+    if e.host:
+        rows += [("host RAM per node, load", f"{e.host.load_gib:.3f} GiB ({e.host.procs_per_node} processes)"),
+                 ("host RAM per node, save", f"{e.host.save_gib:.3f} GiB ({e.host.procs_per_node} processes)")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import copy
-import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
 from dist_tune import checkpoint as ckpt
+from dist_tune import hf_save
 from dist_tune.config import Config, config_from_dict, qlora_compute_dtype, read_yaml
-from dist_tune.engines.parallelize import load_trainable_state
 from dist_tune.errors import UserError
-from dist_tune.models import load_model, load_tokenizer
+from dist_tune.models import count_parameters, load_model, load_tokenizer
 from dist_tune.peft import build_model, is_peft_model
 
 # what each peft method learns that is not a weight of the base model, so cannot be merged into it
@@ -27,51 +28,142 @@ def run_config(run_dir: Path) -> Config:
     return config_from_dict(read_yaml(path))
 
 
-def _dcp_state(path: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(path / "dcp"), f"{tmp}/state.pt")
-        return torch.load(f"{tmp}/state.pt", weights_only=False)["model"]
+Reader = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 
 
-def _deepspeed_state(path: Path) -> dict[str, torch.Tensor]:
+def _torch_weights(file: Path) -> tuple[dict[str, torch.Size], Reader]:
+    """engine_state.pt, memory-mapped: its optimizer state is never read."""
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["model"]
+    return {n: t.shape for n, t in state.items()}, lambda names: {n: state[n] for n in names}
+
+
+def _dcp_weights(path: Path) -> tuple[dict[str, torch.Size], Reader]:
+    """A DCP checkpoint's tensors under 'model' (shapes from its metadata); a read loads only the asked-for ones."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    specs = {key.removeprefix("model."): m for key, m in metadata.items()
+             if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+
+    def read(names: Sequence[str]) -> dict[str, torch.Tensor]:
+        state = {"model": {n: torch.empty(specs[n].size, dtype=specs[n].properties.dtype) for n in names}}
+        with warnings.catch_warnings():  # no_dist=True still warns that no process group exists
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        return state["model"]
+    return {n: m.size for n, m in specs.items()}, read
+
+
+def _deepspeed_weights(path: Path) -> tuple[dict[str, torch.Size], Reader]:
+    """The fp32 master weights, which DeepSpeed keeps only in its optimizer partition files: zero_to_fp32 maps
+    those files into memory and drops the Adam moments unread. Under ZeRO-3 (lazy mode) it assembles a tensor from
+    its partitions only when it is read; under ZeRO-1/2 it concatenates the fp32 partitions up front, so the fp32
+    trainable weights are in memory once."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path / "deepspeed"), tag="state",
-                                                    exclude_frozen_parameters=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="state", exclude_frozen_parameters=True,
+                                                     lazy_mode=True)
+    return {n: torch.Size(t.shape) for n, t in state.items()}, lambda names: {n: state[n].contiguous() for n in names}
 
 
-def checkpoint_trainable_state(path: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights stored in a checkpoint of any engine, as one full (unsharded) dict."""
+def checkpoint_weights(path: Path) -> tuple[dict[str, torch.Size], Reader]:
+    """The model tensors a checkpoint of any engine holds (name → shape), and a reader of some of them (whole, on
+    CPU); no engine's optimizer state is read."""
     if (path / "engine_state.pt").is_file():
-        return torch.load(path / "engine_state.pt", map_location="cpu", weights_only=True)["model"]
+        return _torch_weights(path / "engine_state.pt")
     if (path / "dcp").is_dir():
-        return _dcp_state(path)
+        return _dcp_weights(path / "dcp")
     if (path / "deepspeed").is_dir():
-        return _deepspeed_state(path)
+        return _deepspeed_weights(path / "deepspeed")
     raise UserError(f"checkpoint '{path}' holds no engine state; it is incomplete or not a dist_tune checkpoint")
 
 
-def model_from_checkpoint(cfg: Config, path: Path):
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tokenizer, torch.device("cpu"))
-    load_trainable_state(model, checkpoint_trainable_state(path))
-    return model, tokenizer
+def stored_names(model: torch.nn.Module, stored: dict[str, torch.Size]) -> dict[str, str]:
+    """Each parameter and buffer name of `model` → the name its tensor has in a checkpoint holding `stored`
+    (a tied weight may be stored under any of its names)."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    return {name: next((n for n in group if n in stored), name) for group in names.values() for name in group}
+
+
+def check_weights(path: Path, model: torch.nn.Module, stored: dict[str, torch.Size], key: dict[str, str]) -> None:
+    """The checkpoint holds every trainable tensor of the run's model, in its shape."""
+    trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(n for n in trainable if key[n] not in stored)
+    if missing:
+        raise UserError(f"checkpoint '{path}' lacks {missing[:3]} ({len(missing)} tensors) of the run's model; "
+                        "export it with the config.yaml it was trained with")
+    for name, shape in trainable.items():
+        if stored[key[name]] != shape:
+            raise UserError(f"checkpoint '{path}' holds '{name}' in shape {tuple(stored[key[name]])} but the run's "
+                            f"model has {tuple(shape)}; export it with the config.yaml it was trained with")
 
 
 def export_checkpoint(run_dir: Path, out_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
-    """Write a save_pretrained directory (safetensors) from the latest (or given) complete checkpoint."""
+    """Write an HF directory from the latest (or given) complete checkpoint, reading only its model tensors,
+    never optimizer state: a peft run's adapter directory, or the model as HF sharded safetensors of at most
+    checkpoint.max_shard_size, converted file by file (only one output file's tensors in memory). The run's
+    model is built on the meta device (a QLoRA run's without quantisation: only the adapter is written); only
+    `freeze` runs, whose checkpoints lack the frozen base, load it."""
     cfg = run_config(run_dir)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
     if path is None or not ckpt.is_complete(path):
         raise UserError(f"no complete checkpoint in '{run_dir}'; train with checkpoint.save_steps set, "
                         "or pass --checkpoint checkpoints/step_N")
-    model, tokenizer = model_from_checkpoint(cfg, path)
+    stored, read = checkpoint_weights(path)
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(unquantised_base(cfg), tokenizer, torch.device("meta"))
+    key = stored_names(model, stored)
+    check_weights(path, model, stored, key)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"export-{path.name}"
-    model.save_pretrained(str(out), safe_serialization=True)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_save.clear_weights(out)
+    if is_peft_model(model):
+        _export_adapter(model, read, key, out)
+    elif all(key[name] in stored for name in hf_save.state_tensors(model)):
+        _export_model(model, read, key, out, cfg.checkpoint.max_shard_size)
+    else:
+        _export_frozen_run(build_model(cfg, tokenizer, torch.device("cpu")), read, key, out,
+                           cfg.checkpoint.max_shard_size)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def _read_group(read: Reader, group: Sequence[hf_save.FullTensor], key: dict[str, str]) -> list[torch.Tensor]:
+    state = read([key[t.name] for t in group])
+    return [state[key[t.name]] for t in group]
+
+
+def _trainable(model: torch.nn.Module, read: Reader, key: dict[str, str]) -> dict[str, torch.Tensor]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = read([key[n] for n in names])
+    return {n: state[key[n]] for n in names}
+
+
+def _export_adapter(model: torch.nn.Module, read: Reader, key: dict[str, str], out: Path) -> None:
+    """The trained adapter tensors put into the meta-built peft model; peft's own save writes them."""
+    model.load_state_dict(_trainable(model, read, key), strict=False, assign=True)
+    model.save_pretrained(str(out), save_embedding_layers=False)  # the base embeddings were frozen
+
+
+def _export_model(model: torch.nn.Module, read: Reader, key: dict[str, str], out: Path, max_shard_size: str) -> None:
+    """The checkpoint's tensors streamed into HF sharded safetensors, one output file's worth at a time."""
+    tensors = [hf_save.FullTensor(n, tuple(t.shape), t.dtype, t.detach)
+               for n, t in hf_save.state_tensors(model).items()]
+    hf_save.write_sharded(out, tensors, max_shard_size=max_shard_size, total_parameters=count_parameters(model)[0],
+                          fetch=lambda group: _read_group(read, group, key))
+    hf_save.write_config(model, out, hf_save.saved_dtype(tensors))
+
+
+def _export_frozen_run(model: torch.nn.Module, read: Reader, key: dict[str, str], out: Path,
+                       max_shard_size: str) -> None:
+    """A `freeze` run: its trained tensors copied into the base model, loaded whole."""
+    with torch.no_grad():
+        for name, value in _trainable(model, read, key).items():
+            model.get_parameter(name).copy_(value)
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
 
 
 def unquantised_base(cfg: Config) -> Config:

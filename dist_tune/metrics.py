@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dist_tune.config import Config, WandbConfig, qlora_compute_dtype
@@ -139,6 +140,17 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     if rss is not None:
         out["train/host_rss_gib"] = rss
     return out
+
+
+def peak_host_rss_per_rank() -> list[float]:
+    """Every rank's lifetime peak host RSS in GiB (ru_maxrss: model load, training and final save included), in
+    rank order. Collective."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    if not (dist.is_available() and dist.is_initialized()):
+        return [peak]
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak)
+    return peaks
 
 
 def reset_peak_memory(device: torch.device) -> None:

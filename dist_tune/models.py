@@ -16,10 +16,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dist_tune import attention, hub
+from dist_tune import attention, hub, init_weights
 from dist_tune.config import (Config, ModelConfig, bf16_device, data_formats, flattened, qlora_compute_dtype,
                               resolve_padding_free, resolve_precision, uses_target_logits)
 from dist_tune.errors import UserError
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
@@ -74,6 +75,11 @@ def _model_dir(model: ModelConfig, weights: bool = False) -> Path:
         raise UserError(f"model path '{model.name_or_path}' has no config.json, so it is not a HF model directory; "
                         "point model.name_or_path at the folder written by save_pretrained")
     return path
+
+
+def model_directory(model: ModelConfig) -> Path:
+    """The local directory holding model.name_or_path's weights (a hub id: its snapshot in the hub cache)."""
+    return _model_dir(model, weights=True)
 
 
 def model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase):
@@ -158,14 +164,82 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
     torch.manual_seed(cfg.train.seed)
     if cfg.peft.load_in_4bit:
         return load_4bit(cfg, hf_cfg, auto)
-    with torch.device(device):
-        if cfg.model.name_or_path in PRESETS or torch.device(device).type == "meta":  # meta: weights come later
+    device = torch.device(device)
+    if is_deepspeed_zero3_enabled():  # under the engine's partitioned construction: weights come later
+        model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
+    elif cfg.model.name_or_path in PRESETS or device.type == "meta":  # meta: the engine loads or initialises later
+        with torch.device("meta"):
             model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
-        else:
-            model = auto.from_pretrained(str(_model_dir(cfg.model, weights=True)), config=hf_cfg, dtype=dtype,
-                                         attn_implementation=attention_implementation(cfg))
+        if device.type != "meta":
+            init_weights.materialise(model, device)
+            init_weights.initialise(model, [name for name, _ in model.named_parameters()], cfg.train.seed)
+    else:
+        model = load_pretrained(cfg, hf_cfg, auto, dtype, device)
     check_logits_to_keep(cfg, model)
     return model
+
+
+def load_pretrained(cfg: Config, hf_cfg, auto, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The whole checkpoint through from_pretrained; weights it lacks (a new classification head) are initialised
+    by name, as sharded loading does."""
+    source = model_directory(cfg.model)
+    with torch.device(device):
+        model, info = auto.from_pretrained(str(source), config=hf_cfg, dtype=dtype, output_loading_info=True,
+                                           attn_implementation=attention_implementation(cfg))
+    missing = sorted(set(info["missing_keys"]) & {name for name, _ in model.named_parameters()})
+    check_complete(cfg, model, missing, source)
+    init_weights.initialise(model, missing, cfg.train.seed)
+    return model
+
+
+def check_complete(cfg: Config, model: torch.nn.Module, missing: list[str], source: Path) -> None:
+    """Only a classifier's new head may be absent from a pretrained checkpoint."""
+    needed = [name for name in missing if init_weights.required(name, model, cfg.model.task)]
+    if needed:
+        raise UserError(f"checkpoint '{source}' has no tensor '{needed[0]}' ({len(needed)} weights missing); point "
+                        "model.name_or_path at a complete save_pretrained directory")
+
+
+def checkpoint_plan(model: torch.nn.Module, cfg: Config) -> tuple[Path, dict[str, list[str]]]:
+    """(model directory, each checkpoint tensor it must read → the parameters that take it: several for peft's
+    modules_to_save copies) for a model built empty; missing or misshapen weights are one-line errors."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    source = model_directory(cfg.model)
+    keys = HuggingFaceStorageReader(str(source)).read_metadata().state_dict_metadata \
+        if any(source.glob("*.safetensors")) else {}
+    if not keys:
+        raise UserError(f"model directory '{source}' has no .safetensors weights, which sharded engines read tensor "
+                        "by tensor; re-save it with save_pretrained(safe_serialization=True)")
+    params, prefix = dict(model.named_parameters()), init_weights.base_model(model).base_model_prefix
+    groups: dict[str, list[str]] = {}
+    missing = []
+    for name, (hf_name, added) in init_weights.hf_names(model).items():
+        key = None if added else init_weights.checkpoint_key(hf_name, keys, prefix)
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+        elif not added and init_weights.required(hf_name, model, cfg.model.task):
+            missing.append(hf_name)
+    check_complete(cfg, model, missing, source)
+    for key, names in groups.items():
+        shape = tuple(init_weights.full_shape(params[names[0]]))
+        if tuple(keys[key].size) != shape:
+            raise UserError(f"checkpoint tensor '{key}' in '{source}' has shape {tuple(keys[key].size)} but the model "
+                            f"needs {shape}; check the model directory's config.json")
+    return source, groups
+
+
+def load_weights(model: torch.nn.Module, cfg: Config, read_checkpoint) -> None:
+    """Every parameter's first value in a model built empty (meta, or ZeRO-3 partitions): `read_checkpoint(model,
+    source, groups)` reads the checkpoint's tensors into their parameters; the rest (presets, adapters, a new head)
+    are initialised by name exactly as the unsharded engines initialise them."""
+    loaded: set[str] = set()
+    if cfg.model.name_or_path not in PRESETS:
+        source, groups = checkpoint_plan(model, cfg)
+        read_checkpoint(model, source, groups)
+        loaded = {name for names in groups.values() for name in names}
+    init_weights.initialise(model, [name for name, _ in model.named_parameters() if name not in loaded],
+                            cfg.train.seed)
 
 
 def load_4bit(cfg: Config, hf_cfg, auto) -> torch.nn.Module:

@@ -1,20 +1,48 @@
 """Optimizer and learning-rate schedule factories built from the config."""
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from dist_tune.config import OptimConfig
 
+log = logging.getLogger(__name__)
 
-def optimizer_factory(cfg: OptimConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
+
+def optimizer_factory(cfg: OptimConfig, *, fused: bool = False,
+                      cpu_adam: bool = False) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
+    """SGD, or AdamW: torch's fused kernel (`fused`: parameters and states on a GPU), DeepSpeedCPUAdam (`cpu_adam`:
+    states DeepSpeed offloads to the host), else torch's foreach implementation."""
     def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         if cfg.name == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+        adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        if cpu_adam:
+            return deepspeed_cpu_adam(groups, **adam)
+        return torch.optim.AdamW(groups, **adam, **({"fused": True} if fused else {"foreach": True}))
     return build
+
+
+def cpu_adam_build_dir() -> Path:
+    """Where torch's JIT extension loader keeps DeepSpeed's cpu_adam op."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory("cpu_adam", verbose=False))
+
+
+def deepspeed_cpu_adam(groups: list[dict[str, Any]], **adam) -> torch.optim.Optimizer:
+    """DeepSpeed's multi-threaded, vectorised C++ AdamW; its op is compiled on first use (cached afterwards)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    build_dir = cpu_adam_build_dir()
+    if not list(build_dir.glob("cpu_adam*.so")):
+        log.warning("compiling DeepSpeed's cpu_adam op for engine.offload_optimizer (once, a few minutes; cached in "
+                    "%s)", build_dir)
+    return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from dist_tune import init_weights
 from dist_tune.config import Config
 from dist_tune.errors import UserError
 from dist_tune.models import count_parameters, decoder_layers, load_model
@@ -83,6 +84,8 @@ def apply_peft(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
         except ValueError as exc:
             raise UserError(f"peft.method={method} could not be applied: {str(exc).splitlines()[0]}; "
                             "check peft.target_modules") from None
+        if not init_weights.built_empty(model):
+            init_weights.initialise(model, init_weights.added_by_peft(model), cfg.train.seed)
         if cfg.peft.trainable_modules:
             for name, p in model.named_parameters():
                 if any(m in name for m in cfg.peft.trainable_modules):

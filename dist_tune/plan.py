@@ -113,7 +113,7 @@ def memory_lines(cfg: Config, where: Layout) -> list[tuple[str, str]]:
     from dist_tune.estimate import estimate
 
     try:
-        e = estimate(cfg, where.world_size)
+        e = estimate(cfg, where.world_size, where.per_node)
     except UserError as exc:
         return [("memory per GPU", f"unknown: {exc}")]
     per_gpu = (f"{e.total_gib:.2f} GiB (weights {e.weights_gib:.2f}, gradients {e.grads_gib:.2f}, optimizer "
@@ -123,7 +123,8 @@ def memory_lines(cfg: Config, where: Layout) -> list[tuple[str, str]]:
     if e.host_gib:
         per_node += (f"; offloaded to host {where.per_node} × {e.host_gib:.2f} = {where.per_node * e.host_gib:.2f} "
                      "GiB")
-    return [("memory per GPU", per_gpu), ("memory per node", per_node)]
+    host = f"per node {e.host.load_gib:.2f} GiB to load the model, {e.host.save_gib:.2f} GiB to save it"
+    return [("memory per GPU", per_gpu), ("memory per node", per_node), ("host RAM", host)]
 
 
 def run_dir_lines(cfg: Config) -> list[tuple[str, str]]:
@@ -135,8 +136,8 @@ def run_dir_lines(cfg: Config) -> list[tuple[str, str]]:
         " (timestamped at launch; set train.run_name to fix it)"
     resume = ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path) if run_dir.is_dir() else None
     c = cfg.checkpoint
-    saves = [f"every {c.save_steps} steps under checkpoints/ (keep {c.save_total_limit or 'all'})"
-             if c.save_steps else "no periodic checkpoints (checkpoint.save_steps=null)",
+    saves = [f"every {c.save_steps} steps and the last under checkpoints/ (keep {c.save_total_limit or 'all'})"
+             if c.save_steps else "the last step only under checkpoints/ (checkpoint.save_steps=null)",
              "final model in final/" if c.save_final else "no final model (checkpoint.save_final=false)"]
     if resume:
         saves.append(f"resumes from {resume}")

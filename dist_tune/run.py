@@ -12,15 +12,15 @@ import torch
 import torch.distributed as dist
 
 from dist_tune import checkpoint as ckpt
-from dist_tune import cluster, metrics, preemption, process_group, run_lock
+from dist_tune import cluster, hf_save, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config
 from dist_tune.data import build_datasets, build_loader
 from dist_tune.engines import build_engine
 from dist_tune.engines.base import Engine
-from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer,
+from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer, model_config,
                               settle_padding_free)
 from dist_tune.optim import optimizer_factory, scheduler_factory
-from dist_tune.peft import build_model
+from dist_tune.peft import build_model, is_peft_model
 from dist_tune.trainer import Trainer, steps_per_epoch, total_steps
 
 log = logging.getLogger(__name__)
@@ -85,20 +85,51 @@ def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
 
 
 def export_final(engine: Engine, tokenizer, out_dir: Path) -> None:
-    """Gather the full state (all ranks) and write a save_pretrained directory on rank 0.
-
-    Sharded engines load the gathered state strictly into a fresh unsharded model first, so the saved
-    model or adapter is complete and peft's own save logic never touches sharded parameters."""
-    state = engine.full_state_dict()
+    """final/: a peft run's adapter directory, or the whole model as HF sharded safetensors; no rank ever holds
+    the whole model (see save_adapter, save_model). Collective: every rank calls it."""
     if engine.env.rank == 0:
-        model = engine.unwrap()
-        if engine.shards_state:
-            model = build_model(engine.cfg, tokenizer, torch.device("cpu"))
-            model.load_state_dict(state, strict=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        hf_save.clear_weights(out_dir)
+    engine.barrier()
+    if is_peft_model(engine.unwrap()):
+        save_adapter(engine, tokenizer, out_dir)
+    else:
+        save_model(engine, out_dir)
+    if engine.env.rank == 0:
         tokenizer.save_pretrained(str(out_dir))
     engine.barrier()
+
+
+def save_adapter(engine: Engine, tokenizer, out_dir: Path) -> None:
+    """peft's own adapter directory. Sharded engines gather only the trainable tensors (every rank takes part,
+    rank 0 keeps them) into the peft model rebuilt on the meta device, so the frozen base is never gathered or
+    reloaded; the others hold the whole model on rank 0 already."""
+    if not engine.shards_state:
+        if engine.env.rank == 0:
+            engine.unwrap().save_pretrained(str(out_dir))
+        return
+    state = {}
+    for tensor in engine.full_tensors(trainable_only=True):
+        value = tensor.gather()
+        if engine.env.rank == 0:
+            state[tensor.name] = value.detach().to("cpu", tensor.dtype)
+    if engine.env.rank == 0:
+        model = build_model(engine.cfg, tokenizer, torch.device("meta"))
+        unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"the rebuilt peft model has no parameters {unexpected[:3]}")
+        model.save_pretrained(str(out_dir), save_embedding_layers=False)  # the base embeddings were frozen
+
+
+def save_model(engine: Engine, out_dir: Path) -> None:
+    """HF sharded safetensors of checkpoint.max_shard_size, gathered one tensor at a time, file i written by rank
+    i % world size (hf_save.write_sharded), plus config.json and generation_config.json."""
+    tensors = engine.full_tensors()
+    hf_save.write_sharded(out_dir, tensors, rank=engine.env.rank, world_size=engine.env.world_size,
+                          max_shard_size=engine.cfg.checkpoint.max_shard_size,
+                          total_parameters=count_parameters(engine.unwrap())[0])
+    if engine.env.rank == 0:
+        hf_save.write_config(engine.unwrap(), out_dir, hf_save.saved_dtype(tensors))
 
 
 def describe_batch(cfg: Config, env: cluster.ClusterEnv) -> str:
@@ -112,8 +143,8 @@ def resume_state(engine: Engine, path: Path | None, model_name: str) -> ckpt.Tra
     if path is None:
         return ckpt.TrainState(model_name=model_name)
     state = ckpt.load_checkpoint(engine, path)
-    log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, state.step, state.epoch,
-             state.batches_in_epoch)
+    log.info("resumed from %s at step %d (epoch %d, %d samples in)", path, state.step, state.epoch,
+             state.samples_in_epoch)
     return state
 
 
@@ -122,6 +153,8 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     engine = build_engine(cfg, env, device)
     # fail before any data or model work: a resume that cannot work, a length the model cannot take
     resume_from = ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
+    if resume_from is not None:
+        ckpt.check_world_size(resume_from, cfg.engine.kind, env.world_size)
     rank0_first(engine, lambda: fetch_model(cfg), per_node=True)  # one download per node; the rest read the cache
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
@@ -130,8 +163,11 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     loader, _ = build_loader(train_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=True,
                              seed=cfg.train.seed)
     steps = total_steps(cfg, steps_per_epoch(loader, cfg.train.grad_accum))
-    model = build_model(cfg, tokenizer, engine.init_device())
-    engine.prepare(model, optimizer_factory(cfg.optim), scheduler_factory(cfg.optim, steps))
+    with engine.construction(model_config(cfg, tokenizer)):
+        model = build_model(cfg, tokenizer, engine.init_device())
+    optimizer = optimizer_factory(cfg.optim, fused=device.type == "cuda" and not cfg.engine.cpu_offload,
+                                  cpu_adam=cfg.engine.offload_optimizer)
+    engine.prepare(model, optimizer, scheduler_factory(cfg.optim, steps))
     handler = preemption.PreemptionHandler(env, device)
     state = resume_state(engine, resume_from, cfg.model.name_or_path)
     if env.rank == 0:
@@ -160,6 +196,7 @@ def train(cfg: Config) -> dict[str, Any]:
             summary["flops_formula"] = flops_formula(cfg)
             if cfg.checkpoint.save_final and summary["stopped"] != "preempted":
                 export_final(trainer.engine, trainer.tokenizer, run_dir / "final")
+            summary["peak_host_rss_gib_per_rank"] = metrics.peak_host_rss_per_rank()
             summary["run_dir"] = str(run_dir)
             trainer.metrics.close(summary)
         if summary["stopped"] == "preempted":

@@ -120,20 +120,19 @@ class Trainer:
         return total_steps(self.cfg, self.steps_per_epoch)
 
     def _epoch_iterator(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.loader.sampler.set_epoch(self.state.epoch,
-                                      skip=self.state.batches_in_epoch * self.cfg.train.micro_batch_size)
+        self.loader.sampler.set_epoch(self.state.epoch, consumed=self.state.samples_in_epoch)
         return iter(self.loader)
 
     def _next_micro_batches(self, it: Iterator) -> tuple[list[dict], Iterator, float]:
         """grad_accum micro-batches for one step, moving to the next epoch when this one runs short."""
         start = time.perf_counter()
-        accum = self.cfg.train.grad_accum
-        if len(self.loader) - self.state.batches_in_epoch < accum:
+        per_rank = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum
+        if self.loader.sampler.share_length(self.state.samples_in_epoch) < per_rank:
             self.state.epoch += 1
-            self.state.batches_in_epoch = 0
+            self.state.samples_in_epoch = 0
             it = self._epoch_iterator()
-        batches = [next(it) for _ in range(accum)]
-        self.state.batches_in_epoch += accum
+        batches = [next(it) for _ in range(self.cfg.train.grad_accum)]
+        self.state.samples_in_epoch += per_rank * self.engine.env.world_size
         return batches, it, time.perf_counter() - start
 
     # --- one step ------------------------------------------------------------
@@ -165,7 +164,7 @@ class Trainer:
         metrics = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": self.engine.current_lr(),
                    "train/tokens_per_s": tokens_per_s, "train/samples_per_s": result.samples / max(elapsed, 1e-9),
                    "train/data_wait_s": result.data_wait_s, "train/compute_s": result.compute_s,
-                   "train/epoch": self.state.epoch + self.state.batches_in_epoch / max(len(self.loader), 1)}
+                   "train/epoch": self.state.epoch + self.state.samples_in_epoch / self.loader.sampler.num_samples}
         metrics.update(self._peak_memory_over_ranks())
         tokens = max(result.tokens, 1)
         mfu = self.mfu(tokens_per_s, result.tokens / max(result.samples, 1), result.logit_positions / tokens)
@@ -245,6 +244,9 @@ class Trainer:
         history: dict[str, Any] = {"stopped": "completed"}
         last_step_time = time.perf_counter()
         self.engine.model.train()  # from_pretrained returns eval mode; dropout belongs on from the first step
+        if self.state.step >= total:
+            log.info("already at step %d of train.max_steps=%d: nothing to train (raise train.max_steps to continue)",
+                     self.state.step, total)
         while self.state.step < total:
             micro, it, wait = self._next_micro_batches(it)
             result = self.train_step(micro)
@@ -263,8 +265,8 @@ class Trainer:
                     history["stopped"] = "early_stopping"
                     self.save()
                     break
-            if self._should(self.cfg.checkpoint.save_steps) and self.state.step < total:
-                self.save()
+            if self._should(self.cfg.checkpoint.save_steps) or self.state.step == total:
+                self.save()  # the last step too, so a larger train.max_steps continues from it
             self._maybe_inject_fault()
             if self.preemption.should_stop():
                 history["stopped"] = "preempted"

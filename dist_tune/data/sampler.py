@@ -1,4 +1,4 @@
-"""A distributed, resumable sampler whose only state is (epoch, samples already consumed)."""
+"""A distributed, resumable sampler whose only state is (epoch, samples of the epoch consumed by all ranks)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -8,9 +8,10 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Yields this rank's strided share of a (seed, epoch)-seeded permutation, minus the first `skip` samples.
+    """Yields this rank's strided share of a (seed, epoch)-seeded permutation, after the first `consumed` positions
+    of that permutation (the samples all ranks, at any world size, already trained on in the epoch).
 
-    drop_last=True trims the permutation to a multiple of world_size so every rank gets the same count;
+    drop_last=True trims what is left to a multiple of world_size so every rank gets the same count;
     drop_last=False keeps every sample exactly once (shares then differ by at most one).
     epoch_rows maps an epoch to the num_samples dataset indices it visits (a Mixture's draw); the permutation
     then orders those instead of range(num_samples)."""
@@ -21,18 +22,20 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.num_samples, self.shuffle, self.seed, self.epoch_rows = num_samples, shuffle, seed, epoch_rows
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.consumed = 0, 0
 
-    def _share_length(self) -> int:
+    def share_length(self, consumed: int) -> int:
+        """Samples this rank gets from the epoch once `consumed` of its positions are used up."""
+        left = self.num_samples - consumed
         if self.drop_last:
-            return self.num_samples // self.world_size
-        return len(range(self.rank, self.num_samples, self.world_size))
+            return left // self.world_size
+        return len(range(self.rank, left, self.world_size))
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's permutation; `skip` = samples of this rank already consumed in that epoch."""
-        if not 0 <= skip <= self._share_length():
-            raise ValueError(f"skip={skip} is outside this rank's {self._share_length()} samples per epoch")
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Select the epoch's permutation; `consumed` = samples of that epoch already trained on, over all ranks."""
+        if not 0 <= consumed <= self.num_samples:
+            raise ValueError(f"consumed={consumed} is outside the epoch's {self.num_samples} samples")
+        self.epoch, self.consumed = epoch, consumed
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -41,9 +44,9 @@ class ResumableSampler(Sampler[int]):
             order = torch.arange(self.num_samples)
         if self.epoch_rows is not None:
             order = self.epoch_rows(self.epoch)[order]
-        end = self._share_length() * self.world_size if self.drop_last else self.num_samples
-        share = order[self.rank:end:self.world_size]
-        return iter(share[self.skip:].tolist())
+        left = order[self.consumed:]
+        end = self.share_length(self.consumed) * self.world_size if self.drop_last else len(left)
+        return iter(left[self.rank:end:self.world_size].tolist())
 
     def __len__(self) -> int:
-        return self._share_length() - self.skip
+        return self.share_length(self.consumed)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from dist_tune.cluster import ClusterEnv
 from dist_tune.config import Config, bf16_device, resolve_precision
+from dist_tune.hf_save import FullTensor, state_tensors
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -54,6 +55,10 @@ class Engine:
     def init_device(self) -> torch.device:
         """Where the model is built before prepare()."""
         return torch.device("cpu")
+
+    def construction(self, hf_config) -> contextlib.AbstractContextManager:
+        """Context the model is built in (ZeRO-3: partitioned as it is constructed)."""
+        return contextlib.nullcontext()
 
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
@@ -131,9 +136,14 @@ class Engine:
     def load(self, ckpt_dir: Path) -> None:
         raise NotImplementedError
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The complete model state on rank 0 (CPU tensors), None on other ranks."""
-        raise NotImplementedError
+    def full_tensors(self, trainable_only: bool = False) -> list[FullTensor]:
+        """Every tensor of the model's saved state (trainable_only: its trainable parameters), each gathered whole
+        only when asked for, in the dtype it is saved in; tied weights once. Sharded engines gather collectively:
+        every rank asks for the same tensors in the same order."""
+        return [self.full_tensor(name, t) for name, t in state_tensors(self.unwrap(), trainable_only).items()]
+
+    def full_tensor(self, name: str, tensor: torch.Tensor) -> FullTensor:
+        return FullTensor(name, tuple(tensor.shape), tensor.dtype, tensor.detach)
 
     def local_state_bytes(self) -> dict[str, int]:
         """Bytes of parameters and optimizer state held by this rank (shards counted at local size)."""

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+from functools import partial
 from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dist_tune import init_weights
 from dist_tune.config import Config
+from dist_tune.engines import zero3
 from dist_tune.engines.base import Engine, OptimizerFactory, SchedulerFactory, param_groups
 from dist_tune.engines.parallelize import apply_common
 from dist_tune.errors import UserError
+from dist_tune.hf_save import FullTensor
+from dist_tune.models import load_weights
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -23,9 +28,7 @@ def template_path(cfg: Config) -> Path:
         if not path.is_file():
             raise UserError(f"engine.ds_config '{path}' not found; pass a DeepSpeed JSON file or leave it unset")
         return path
-    offload = cfg.engine.offload_params or cfg.engine.offload_optimizer
-    return TEMPLATES / ("zero3_offload.json" if offload and cfg.engine.zero_stage == 3
-                        else f"zero{cfg.engine.zero_stage}.json")
+    return TEMPLATES / f"zero{cfg.engine.zero_stage}.json"
 
 
 def _resolve(section: dict, key: str, value: Any, where: str, why: str = "") -> None:
@@ -56,33 +59,41 @@ def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
         _resolve(conf[precision], "enabled", cfg.engine.mixed_precision == precision, f"{precision}.enabled")
     zero = conf.setdefault("zero_optimization", {})
     _resolve(zero, "stage", cfg.engine.zero_stage, "zero_optimization.stage")
+    if cfg.engine.replicate_degree > 1:  # ZeRO++ hpZ: a secondary parameter partition within each group
+        _resolve(zero, "zero_hpz_partition_size", world_size // cfg.engine.replicate_degree,
+                 "zero_optimization.zero_hpz_partition_size",
+                 f" (world size {world_size} / engine.replicate_degree {cfg.engine.replicate_degree})")
+    on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+                       ("stage3_param_persistence_threshold", 10 * hidden_size),
+                       ("overlap_comm", on_gpu)):  # overlapping needs a GPU's side streams
         if zero.get(key) == "auto":
             zero[key] = value
-    if cfg.engine.offload_optimizer:
-        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": torch.cuda.is_available()})
-    if cfg.engine.offload_params:
-        zero.setdefault("offload_param", {"device": "cpu", "pin_memory": torch.cuda.is_available()})
+    offloads = {"offload_optimizer": cfg.engine.offload_optimizer, "offload_param": cfg.engine.offload_params}
+    for key, wanted in offloads.items():
+        if wanted:
+            zero.setdefault(key, {"device": "cpu", "pin_memory": on_gpu})
     if "offload_optimizer" in zero or "offload_param" in zero:
         conf["zero_force_ds_cpu_optimizer"] = False
     conf.setdefault("zero_allow_untested_optimizer", True)
     return conf
 
 
-def _fp32_master_weights(module: torch.nn.Module):
-    """(state-dict keys, full fp32 master tensor) of each trainable parameter DeepSpeed's optimizer holds a master
-    copy of (all ranks must iterate: each tensor is gathered)."""
+def full_value(p: torch.Tensor) -> torch.Tensor:
+    """A parameter or buffer whole: a trainable parameter's fp32 master (the module holds a bf16/fp16 copy under
+    mixed precision), a frozen ZeRO-3 parameter gathered from its partitions, anything else as the module holds it.
+    Collective under ZeRO: every rank calls it for the same tensor."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    keys: dict[torch.nn.Parameter, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):  # tied weights: one parameter, several keys
-        keys.setdefault(p, []).append(name)
-    for p, names in keys.items():
-        master = safe_get_full_fp32_param(p) if p.requires_grad else None
-        if master is not None:
-            yield names, master
+    master = safe_get_full_fp32_param(p) if p.requires_grad else None
+    if master is not None:
+        return master
+    if hasattr(p, "ds_id"):
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.detach().clone()
+    return p.detach()
 
 
 class DeepSpeedEngine(Engine):
@@ -95,10 +106,18 @@ class DeepSpeedEngine(Engine):
 
     shards_state = True
 
+    def construction(self, hf_config) -> contextlib.AbstractContextManager:
+        """ZeRO-3 builds the model partitioned (zero.Init), so no rank holds it whole; prepare() loads the weights."""
+        if self.cfg.engine.zero_stage != 3:
+            return contextlib.nullcontext()
+        return zero3.partitioned_construction(ds_config(self.cfg, self.env.world_size, hf_config.hidden_size))
+
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
         import deepspeed
 
+        if init_weights.built_empty(model):
+            load_weights(model, self.cfg, zero3.read_checkpoint)
         apply_common(model, self.cfg)
         self.saved_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
         hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
@@ -163,21 +182,10 @@ class DeepSpeedEngine(Engine):
             raise UserError(f"DeepSpeed checkpoint in '{ckpt_dir}' could not be loaded; "
                             "remove it or set train.resume=none")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The full state on rank 0, each tensor in the dtype it had before DeepSpeed cast the module (as the
-        other engines save it). Trainable weights come from DeepSpeed's fp32 master, not the module, which holds a
-        rounded bf16/fp16 copy under mixed precision; frozen weights and buffers from the module (gathered under
-        ZeRO-3). Collective: every rank calls it."""
-        if self.cfg.engine.zero_stage == 3:
-            state = self.model._zero3_consolidated_16bit_state_dict()
-        else:
-            state = {k: v.detach().cpu() for k, v in self.unwrap().state_dict().items()} if self.env.rank == 0 else None
-        for keys, master in _fp32_master_weights(self.unwrap()):
-            if state is not None:
-                state.update(dict.fromkeys(keys, master.cpu()))
-        if state is None:
-            return None
-        return {k: v.to(self.saved_dtypes.get(k, v.dtype)) for k, v in state.items()}
+    def full_tensor(self, name: str, tensor: torch.Tensor) -> FullTensor:
+        """Saved in the dtype it had before DeepSpeed cast the module (as the other engines save it)."""
+        return FullTensor(name, tuple(getattr(tensor, "ds_shape", tensor.shape)),
+                          self.saved_dtypes.get(name, tensor.dtype), partial(full_value, tensor))
 
     def local_state_bytes(self) -> dict[str, int]:
         params = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in self.unwrap().parameters())

@@ -3,30 +3,43 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
+from dist_tune import init_weights
 from dist_tune.engines.base import AUTOCAST, Engine, OptimizerFactory, SchedulerFactory, param_groups
 from dist_tune.engines.parallelize import apply_common
 from dist_tune.errors import UserError
-from dist_tune.models import decoder_layers
+from dist_tune.hf_save import FullTensor
+from dist_tune.models import decoder_layers, load_weights
+
+log = logging.getLogger(__name__)
 
 
-def apply_fsdp(model: torch.nn.Module, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
-               cpu_offload: bool) -> None:
+def fsdp_mesh(device: torch.device, world_size: int, replicate_degree: int) -> DeviceMesh:
+    """1-D ("shard",) mesh, or for HSDP a 2-D ("replicate", "shard") mesh: parameters sharded within each group of
+    world_size / replicate_degree ranks and replicated across the groups."""
+    if replicate_degree == 1:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate_degree, world_size // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(model: torch.nn.Module, *, mesh: DeviceMesh, param_dtype: torch.dtype | None,
+               reshard_after_forward: bool, cpu_offload: bool) -> None:
     """Shard each decoder block as its own unit, then the root (embeddings, norm, head)."""
-    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+    kwargs = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               "reshard_after_forward": reshard_after_forward}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -35,10 +48,16 @@ def apply_fsdp(model: torch.nn.Module, *, param_dtype: torch.dtype | None, resha
     fully_shard(model, **kwargs)
 
 
-def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without alias keys of shared modules (e.g. peft prompt tuning's `word_embeddings`)."""
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    return {k: v for k, v in model.state_dict().items() if k in names}
+def read_checkpoint_shards(model: torch.nn.Module, source: Path, groups: dict[str, list[str]]) -> None:
+    """Read this rank's shard of each checkpoint tensor from the HF safetensors in `source` (one file or an index of
+    several) straight into the parameters' DTensors (models.checkpoint_plan says which)."""
+    params = dict(model.named_parameters())
+    dcp.load({key: params[names[0]] for key, names in groups.items()},
+             storage_reader=dcp.HuggingFaceStorageReader(str(source)))
+    with torch.no_grad():
+        for names in groups.values():
+            for name in names[1:]:
+                params[name].to_local().copy_(params[names[0]].to_local())
 
 
 def placement(device: torch.device, cpu_offload: bool) -> tuple[torch.device, torch.device]:
@@ -53,13 +72,6 @@ def move_buffers(model: torch.nn.Module, device: torch.device) -> None:
             setattr(module, name, buffer.to(device))
 
 
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Buffers are neither sharded nor all saved (e.g. rotary inv_freq); copy rank 0's to the meta-built ranks,
-    on the buffers' own device (the GPU, over NCCL, with or without CPU offload)."""
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-
-
 class FSDPEngine(Engine):
     name = "fsdp"
     shards_state = True
@@ -71,24 +83,20 @@ class FSDPEngine(Engine):
                             "unset engine.cpu_offload")
 
     def init_device(self) -> torch.device:
-        """Only rank 0 materialises the full model; the others build it on meta and receive shards."""
-        return torch.device("cpu") if self.env.rank == 0 else torch.device("meta")
+        """Every rank builds the model on meta; prepare() shards it, then reads or initialises only its shards."""
+        return torch.device("meta")
 
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
-        full_state = canonical_state(model) if self.env.rank == 0 else None
         apply_common(model, self.cfg)
-        apply_fsdp(model, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
+        mesh = fsdp_mesh(self.device, self.env.world_size, self.cfg.engine.replicate_degree)
+        log.info("FSDP mesh %s", dict(zip(mesh.mesh_dim_names, mesh.shape)))
+        apply_fsdp(model, mesh=mesh, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
                    reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload)
         param_device, buffer_device = placement(self.device, self.cfg.engine.cpu_offload)
-        if self.env.rank == 0:
-            model.to(param_device)
-        else:
-            model.to_empty(device=param_device)
-        set_model_state_dict(model, full_state or {}, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True, cpu_offload=self.cfg.engine.cpu_offload, strict=False))
-        move_buffers(model, buffer_device)  # after loading: the state dict must sit on one device
-        broadcast_buffers(model)
+        init_weights.materialise(model, param_device)
+        move_buffers(model, buffer_device)
+        load_weights(model, self.cfg, read_checkpoint_shards)
         self.model = model
         self.optimizer = optimizer_factory(param_groups(model, self.cfg.optim.weight_decay))
         self.scheduler = scheduler_factory(self.optimizer)
@@ -100,7 +108,10 @@ class FSDPEngine(Engine):
         return float(self.env.world_size)
 
     def no_sync(self, is_last_micro_step: bool):
-        self.model.set_requires_gradient_sync(is_last_micro_step)
+        """engine.sync_each_batch: reduce-scatter every micro-batch's gradients, so only sharded gradients are kept
+        (an HSDP replica all-reduce still waits for the last); otherwise keep unsharded ones until the last."""
+        self.model.set_requires_gradient_sync(is_last_micro_step or self.cfg.engine.sync_each_batch)
+        self.model.set_requires_all_reduce(is_last_micro_step)
         return super().no_sync(is_last_micro_step)
 
     def _options(self) -> StateDictOptions:
@@ -124,6 +135,7 @@ class FSDPEngine(Engine):
         self.scheduler.load_state_dict(json.loads((ckpt_dir / "scheduler.json").read_text()))
         self.load_scaler_state(torch.load(ckpt_dir / "scaler.pt", weights_only=True))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.env.rank == 0 else None
+    def full_tensor(self, name: str, tensor: torch.Tensor) -> FullTensor:
+        """A sharded parameter is all-gathered (over every mesh dimension) when asked for; buffers are whole."""
+        gather = tensor.detach().full_tensor if isinstance(tensor, DTensor) else tensor.detach
+        return FullTensor(name, tuple(tensor.shape), tensor.dtype, gather)

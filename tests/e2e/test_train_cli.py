@@ -32,7 +32,7 @@ def test_training_learns_and_writes_a_complete_run_dir(finished_run):
                  "final/config.json", "final/tokenizer.json"):
         assert (run_dir / name).is_file(), name
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept == ["step_00000010", "step_00000020"]  # save_total_limit=2, no save at the final step
+    assert kept == ["step_00000020", "step_00000030"]  # save_total_limit=2, the last step saved too
 
 
 def test_config_yaml_records_what_auto_resolved_to(finished_run):

@@ -39,6 +39,7 @@ def test_unknown_key_names_closest_valid_key(tmp_path):
     ({"train.micro_batch_size": 0}, "micro_batch_size must be >= 1"),
     ({"engine.offload_optimizer": True}, "DeepSpeed options"),
     ({"engine.kind": "ddp", "engine.cpu_offload": True}, "cpu_offload is an FSDP option"),
+    ({"engine.kind": "deepspeed", "engine.sync_each_batch": False}, "engine.sync_each_batch=false is an FSDP option"),
     ({"engine.kind": "deepspeed", "engine.offload_params": True, "engine.zero_stage": 2}, "needs engine.zero_stage=3"),
     ({"data.format": "classification"}, "needs model.task=classification"),
     ({"peft.load_in_4bit": True}, "needs peft.method=lora or dora"),

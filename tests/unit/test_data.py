@@ -234,7 +234,7 @@ def test_sampler_resume_matches_uninterrupted_epoch():
             sampler.set_epoch(3)
             full = batches(sampler)
             assert len(full) == (103 // world_size) // 4
-            sampler.set_epoch(3, skip=5 * 4)
+            sampler.set_epoch(3, consumed=5 * 4 * world_size)
             assert len(sampler) == 103 // world_size - 20
             assert full[:5] + batches(sampler) == full
             sampler.set_epoch(4)

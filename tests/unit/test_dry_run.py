@@ -70,14 +70,14 @@ def test_single_process_plan_of_the_demo(tmp_path, capsys):
     assert rows["global batch"] == "16 sequences = micro 16 × accumulation 1 × data-parallel 1"
     assert rows["tokens per step"] == "at most 1,536 (global batch × data.max_length=96)"
     assert rows["data"] == "bundled:instructions: 3,000 rows, 2,850 for training, 150 held out by data.validation_split"
-    assert rows["steps"] == "1,200 (train.max_steps) = 6.74 epochs of 178 steps"  # 2850 // 16 micro-batches
+    assert rows["steps"] == "900 (train.max_steps) = 5.06 epochs of 178 steps"  # 2850 // 16 micro-batches
     e = estimate(load_config(resolve_recipe("demo"), {}), 1)
     assert rows["memory per GPU"].startswith(f"{e.total_gib:.2f} GiB (weights")
     assert rows["memory per node"] == f"1 × {e.total_gib:.2f} = {e.total_gib:.2f} GiB of GPU memory"
     assert rows["run dir"] == str(tmp_path / "runs" / "demo-run")
-    assert rows["checkpoints"] == "every 600 steps under checkpoints/ (keep 2); final model in final/"
+    assert rows["checkpoints"] == "every 600 steps and the last under checkpoints/ (keep 2); final model in final/"
     assert rows["W&B"] == "offline (log.wandb.mode=auto and no WANDB_API_KEY), project dist_tune"
-    assert "optim.lr = 0.002 (recipe demo)" in rows["config"].splitlines()
+    assert "optim.lr = 0.0007 (recipe demo)" in rows["config"].splitlines()
 
 
 def test_torchrun_environment_gives_world_mesh_and_node_memory(tmp_path, capsys, monkeypatch):
@@ -97,6 +97,8 @@ def test_torchrun_environment_gives_world_mesh_and_node_memory(tmp_path, capsys,
     e = estimate(load_config(resolve_recipe("demo"), {"engine.kind": "fsdp", "train.grad_accum": 2,
                                                       "train.micro_batch_size": 4}), 16)
     assert rows["memory per node"] == f"8 × {e.total_gib:.2f} = {8 * e.total_gib:.2f} GiB of GPU memory"
+    assert rows["host RAM"] == (f"per node {e.host.load_gib:.2f} GiB to load the model, {e.host.save_gib:.2f} GiB "
+                                "to save it")
     assert rows["W&B"] == "online (WANDB_API_KEY is set), project dist_tune"
 
 
@@ -116,7 +118,7 @@ def test_planned_job_from_nnodes_and_nproc_per_node_on_a_login_node(tmp_path, ca
     assert rows["world size"] == "8 = 2 node(s) × 4 process(es) per node (NNODES × NPROC_PER_NODE)"
     assert rows["mesh"] == ("data-parallel 8, engine deepspeed ZeRO-2: gradients and optimizer states sharded over "
                             "all 8 ranks")
-    assert rows["steps"] == "1,200 (train.max_steps) = 54.55 epochs of 22 steps"  # 2850 // 8 // 16
+    assert rows["steps"] == "900 (train.max_steps) = 40.91 epochs of 22 steps"  # 2850 // 8 // 16
     assert re.fullmatch(r"4 × [\d.]+ = [\d.]+ GiB of GPU memory; offloaded to host 4 × [\d.]+ = [\d.]+ GiB",
                         rows["memory per node"]), rows["memory per node"]
     assert rows["W&B"] == "disabled (WANDB_MODE=disabled), project dist_tune"

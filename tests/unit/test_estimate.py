@@ -172,3 +172,38 @@ def test_auto_precision_is_estimated_as_on_a_bf16_gpu():
         "engine.activation_checkpointing": False, "train.micro_batch_size": 8}), 1).activations_gib)
     full = bytes_per_param(load_config(None, {"engine.kind": "deepspeed"}))
     assert (full.weights, full.grads, full.optimizer) == (2, 2, 12)  # bf16 module, fp32 master + m + v
+
+
+def test_fsdp_keeps_whole_fp32_gradients_between_micro_batches_only_without_sync_each_batch():
+    base = {"model.name_or_path": "tiny-llama", "engine.kind": "fsdp", "train.grad_accum": 4}
+    assert estimate(cfg_for(**base), 2).grads_gib * GIB == 4 * TINY_N / 2  # reduce-scattered every micro-batch
+    assert estimate(cfg_for(**base, **{"engine.sync_each_batch": False}), 2).grads_gib * GIB == 4 * TINY_N
+    no_accum = {**base, "train.grad_accum": 1, "engine.sync_each_batch": False}
+    assert estimate(cfg_for(**no_accum), 2).grads_gib * GIB == 4 * TINY_N / 2
+
+
+def test_host_ram_per_node_to_load_and_save_follows_each_engine():
+    """Llama-3-8B in bf16 on 2 nodes × 8 processes: FSDP reads a sixteenth of the weights per process,
+    ZeRO-3 builds it partitioned (a sixteenth too) and ZeRO-2 whole in every process; a LoRA save holds only the adapter, full tuning one file of
+    checkpoint.max_shard_size per process."""
+    base = 0.6 * 8  # process baseline
+    full = {"model.name_or_path": "llama-3-8b", "model.dtype": "bfloat16", "engine.mixed_precision": "bf16"}
+    fsdp = estimate(load_config(None, {**full, "engine.kind": "fsdp"}), 16, 8).host
+    assert fsdp.load_gib == pytest.approx(base + 8 * 2 * L8B_N / 16 / GIB)
+    assert fsdp.save_gib == pytest.approx(base + 8 * 1e9 / GIB)  # max_shard_size 1GB
+    zero3 = estimate(load_config(None, {**full, "engine.kind": "deepspeed", "engine.zero_stage": 3}), 16, 8).host
+    assert zero3.load_gib == pytest.approx(fsdp.load_gib)
+    zero2 = estimate(load_config(None, {**full, "engine.kind": "deepspeed", "engine.zero_stage": 2}), 16, 8).host
+    assert zero2.load_gib == pytest.approx(base + 8 * 2 * L8B_N / GIB)
+    lora = estimate(load_config(None, {**full, "engine.kind": "fsdp", "peft.method": "lora"}), 16, 8).host
+    assert lora.save_gib == pytest.approx(base + 4 * L8B_LORA / GIB)  # fp32 adapter on rank 0 only
+    small = estimate(cfg_for(**{"model.name_or_path": "tiny-llama", "engine.kind": "fsdp"}), 2).host
+    assert small.procs_per_node == 2 and small.save_gib == pytest.approx(2 * 0.6 + 4 * TINY_N / GIB)  # one file
+
+
+def test_estimate_memory_command_prints_host_ram_per_node(capsys):
+    cli_main(["estimate-memory", "--world_size", "4", "--procs_per_node", "2", "--model.name_or_path=tiny-llama",
+              "--engine.kind=fsdp", "--model.dtype=float32"])
+    out = capsys.readouterr().out
+    assert f"host RAM per node, load  {2 * (0.6 + 4 * TINY_N / 4 / GIB):.3f} GiB (2 processes)" in out
+    assert f"host RAM per node, save  {2 * 0.6 + 4 * TINY_N / GIB:.3f} GiB (2 processes)" in out

@@ -94,7 +94,7 @@ def test_resumed_sampler_continues_on_exactly_the_next_rows(files, tok):
         loader, sampler = build_loader(train, cfg, tok, rank=rank, world_size=2, shuffle=True, seed=42)
         sampler.set_epoch(1)
         full = list(sampler)
-        sampler.set_epoch(1, skip=3 * 4)
+        sampler.set_epoch(1, consumed=3 * 4 * 2)
         assert full[:12] + list(sampler) == full and len(full) == 40
 
 

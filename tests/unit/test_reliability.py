@@ -30,10 +30,12 @@ MODEL = "tiny-llama"
 # --- atomic checkpoints with a fake engine -----------------------------------------------------------------------
 
 class FakeEngine:
-    """What save_checkpoint/load_checkpoint need: env.rank, barrier(), save(dir), load(dir)."""
+    """What save_checkpoint/load_checkpoint need: env.rank/world_size, cfg.train.micro_batch_size, barrier(),
+    save(dir), load(dir)."""
 
     def __init__(self, fail_on_save: bool = False):
         self.env = SimpleNamespace(rank=0, world_size=1)
+        self.cfg = SimpleNamespace(train=SimpleNamespace(micro_batch_size=4))
         self.fail_on_save = fail_on_save
         self.payload = b"weights-0"
         self.loaded_from: Path | None = None
@@ -72,7 +74,7 @@ def test_save_is_complete_and_leaves_no_tmp(tmp_path):
     assert path == ckpt.step_dir(tmp_path, 3) and ckpt.is_complete(path)
     assert {p.name for p in path.iterdir()} == {"engine_state.bin", "rng_rank0.pt", ckpt.STATE_FILE, ckpt.COMPLETE}
     assert names(tmp_path) == ["step_00000003"]
-    assert ckpt.read_state(path) == ckpt.TrainState(step=3, model_name=MODEL)
+    assert ckpt.read_state(path) == ckpt.TrainState(step=3, model_name=MODEL, world_size=1)
     assert ckpt.latest_checkpoint(tmp_path) == path
 
 

@@ -1,0 +1,85 @@
+"""ZeRO-3 partitioned construction: the model is built under `deepspeed.zero.Init` (through transformers'
+HfDeepSpeedConfig), so each parameter is partitioned as its module is created; weights then arrive one parameter at
+a time, read by rank 0 and scattered to the partitions. No rank ever holds the whole model."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def partitioned_construction(conf: dict[str, Any]) -> Iterator[None]:
+    """While active, transformers builds models under zero.Init with this DeepSpeed config."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed(auto_mpi_discovery=False, dist_init_required=False)  # wraps the existing group
+    active = HfDeepSpeedConfig(conf)  # noqa: F841  transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def assign_partitioned(param: torch.Tensor, full: torch.Tensor | None) -> None:
+    """Give a partitioned parameter the full value rank 0 holds (None on the other ranks). Collective."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+        if dist.get_rank() == 0:
+            param.copy_(full)
+
+
+def gathered(param: torch.Tensor) -> torch.Tensor:
+    """A partitioned parameter's full value on every rank (a copy). Collective."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.detach().clone()
+
+
+def checkpoint_files(source: Path) -> dict[str, Path]:
+    """Each tensor name of a HF safetensors checkpoint → the file that holds it."""
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        return {key: source / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(source.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            files.update(dict.fromkeys(handle.keys(), path))
+    return files
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor, the file opened for it alone (so its mapped pages are released with it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(key)
+
+
+def read_checkpoint(model: torch.nn.Module, source: Path, groups: dict[str, list[str]]) -> None:
+    """Rank 0 reads each checkpoint tensor and scatters it to the partitions of the parameters that take it
+    (models.checkpoint_plan says which); a parameter not partitioned (a peft copy) is read on every rank."""
+    files = checkpoint_files(source)
+    params = dict(model.named_parameters())
+    for key, names in groups.items():
+        everywhere = not all(is_partitioned(params[name]) for name in names)
+        value = read_tensor(files[key], key) if everywhere or dist.get_rank() == 0 else None
+        for name in names:
+            if is_partitioned(params[name]):
+                assign_partitioned(params[name], value)
+            else:
+                with torch.no_grad():
+                    params[name].copy_(value)
