@@ -70,7 +70,7 @@ def test_single_process_plan_of_the_demo(tmp_path, capsys):
     assert rows["global batch"] == "16 sequences = micro 16 × accumulation 1 × data-parallel 1"
     assert rows["tokens per step"] == "at most 1,536 (global batch × data.max_length=96)"
     assert rows["data"] == "bundled:instructions: 3,000 rows, 2,850 for training, 150 held out by data.validation_split"
-    assert rows["steps"] == "1200 (train.max_steps) = 6.74 epochs of 178 steps"  # 2850 // 16 micro-batches
+    assert rows["steps"] == "1,200 (train.max_steps) = 6.74 epochs of 178 steps"  # 2850 // 16 micro-batches
     e = estimate(load_config(resolve_recipe("demo"), {}), 1)
     assert rows["memory per GPU"].startswith(f"{e.total_gib:.2f} GiB (weights")
     assert rows["memory per node"] == f"1 × {e.total_gib:.2f} = {e.total_gib:.2f} GiB of GPU memory"
@@ -118,7 +118,7 @@ def test_planned_job_from_nnodes_and_nproc_per_node_on_a_login_node(tmp_path, ca
     assert rows["world size"] == "8 = 2 node(s) × 4 process(es) per node (NNODES × NPROC_PER_NODE)"
     assert rows["mesh"] == ("data-parallel 8, engine deepspeed ZeRO-2: gradients and optimizer states sharded over "
                             "all 8 ranks")
-    assert rows["steps"] == "1200 (train.max_steps) = 54.55 epochs of 22 steps"  # 2850 // 8 // 16
+    assert rows["steps"] == "1,200 (train.max_steps) = 54.55 epochs of 22 steps"  # 2850 // 8 // 16
     assert re.fullmatch(r"4 × [\d.]+ = [\d.]+ GiB of GPU memory; offloaded to host 4 × [\d.]+ = [\d.]+ GiB",
                         rows["memory per node"]), rows["memory per node"]
     assert rows["W&B"] == "disabled (WANDB_MODE=disabled), project dist_tune"
