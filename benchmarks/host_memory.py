@@ -5,7 +5,7 @@
 
 It writes a seeded random-init Llama-shaped checkpoint in bf16 once (default: TinyLlama's 1.1B shape with the
 shipped 2k-token tokenizer, `--cache` keeps it between runs), then runs the real CLI under torchrun (gloo) for each
-(engine, method, world size): load, `--steps` optimizer steps, final save. Each rank's lifetime peak RSS comes
+(engine, method, world size): load, `--steps` optimizer steps, a one-batch eval, final save. Each rank's lifetime peak RSS comes
 from `summary.json`'s `peak_host_rss_gib_per_rank` (ru_maxrss, gathered after the final save). The same run on
 the `tiny-llama` preset gives the process overhead (libraries, gloo, data), so per rank
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace, model: str, engine: str, method: str, world_si
            f"--data.max_length={args.max_length}", "--model.dtype=bfloat16", "--engine.mixed_precision=bf16",
            "--train.micro_batch_size=1", f"--train.max_steps={args.steps}", "--train.device=cpu",
            f"--train.output_dir={out}", f"--train.run_name={name}", "--train.resume=none", "--log.log_steps=1",
-           "--log.wandb.mode=disabled", *ENGINES[engine], *METHODS[method]]
+           "--log.wandb.mode=disabled", "--train.eval_max_batches=1", *ENGINES[engine], *METHODS[method]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)

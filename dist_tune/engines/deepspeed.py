@@ -20,6 +20,9 @@ from dist_tune.hf_save import FullTensor
 from dist_tune.models import load_weights
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
+# ZeRO-3 keeps at most about two decoder blocks' parameters (~12 hidden² each) gathered at once; DeepSpeed's
+# default (1e9 parameters) keeps a whole 1B model gathered from the second step on
+LIVE_BLOCKS = 24
 
 
 def template_path(cfg: Config) -> Path:
@@ -67,6 +70,8 @@ def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                        ("stage3_param_persistence_threshold", 10 * hidden_size),
+                       ("stage3_max_live_parameters", LIVE_BLOCKS * hidden_size * hidden_size),
+                       ("stage3_max_reuse_distance", LIVE_BLOCKS * hidden_size * hidden_size),
                        ("overlap_comm", on_gpu)):  # overlapping needs a GPU's side streams
         if zero.get(key) == "auto":
             zero[key] = value
