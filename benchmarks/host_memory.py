@@ -107,8 +107,8 @@ def run(args: argparse.Namespace, model: str, engine: str, method: str, world_si
     summary_file = out / name / "summary.json"
     if proc.returncode != 0 or not summary_file.is_file():
         lines = (proc.stderr + proc.stdout).splitlines()
-        errors = [line for line in lines if "error:" in line] or lines[-1:]
-        return {"error": errors[0].strip(), "seconds": round(time.time() - start, 1)}
+        errors = [line for line in lines if "error:" in line or "Signal" in line] or lines[-1:] or [""]
+        return {"error": f"exit {proc.returncode}: {errors[0].strip()}", "seconds": round(time.time() - start, 1)}
     summary = json.loads(summary_file.read_text())
     return {"peak_gib": summary["peak_host_rss_gib_per_rank"], "seconds": round(time.time() - start, 1)}
 
