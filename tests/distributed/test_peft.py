@@ -16,7 +16,7 @@ from dist_tune.models import load_model, load_tokenizer
 pytestmark = pytest.mark.slow
 
 STEPS = 10
-LR = {"lora": "1e-2", "dora": "1e-2", "ia3": "1.0", "prefix_tuning": "3e-2", "prompt_tuning": "1e-1", "adapter": "5e-2", "freeze": "1e-2"}
+LR = {"lora": "1e-2", "dora": "1e-2", "ia3": "1.0", "prefix_tuning": "3e-2", "prompt_tuning": "1e-1", "adapter": "2e-1", "freeze": "1e-2"}
 ADAPTER_KEYS = {"lora": "lora_", "dora": "lora_magnitude_vector", "ia3": "ia3_", "prefix_tuning": "prompt_embeddings",
                 "prompt_tuning": "prompt_embeddings", "adapter": "adaption_"}
 
