@@ -21,11 +21,11 @@ def args(root, name, ranks, steps, engine="fsdp"):
 
 
 def test_two_to_four_to_two_ranks_trains_on_the_uninterrupted_runs_samples(runs_root):
-    dist_tune("train", *args(runs_root, "straight", 2, PHASES[-1][1]), nproc=2)
+    dist_tune("train", *args(runs_root, "elastic-straight", 2, PHASES[-1][1]), nproc=2)
     for ranks, steps in PHASES:
         proc = dist_tune("train", *args(runs_root, "elastic", ranks, steps), nproc=ranks)
     assert "step_00000004 at step 4 (epoch 0, 32 samples in)" in proc.stderr  # 4 steps × 8, whichever ranks
-    straight, elastic = read_metrics(runs_root / "straight"), read_metrics(runs_root / "elastic")
+    straight, elastic = read_metrics(runs_root / "elastic-straight"), read_metrics(runs_root / "elastic")
     assert elastic.keys() == straight.keys() == set(range(1, 7))
     for step in straight:  # same global batch of the same samples: same loss, whichever ranks held them
         assert elastic[step] == pytest.approx(straight[step], rel=1e-4), (step, elastic, straight)
