@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dist_tune.config import VIRTUAL_TOKEN_METHODS, Config
 from dist_tune.engines.base import Engine
 from dist_tune.loss import IGNORE
+from dist_tune.metrics import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,6 @@ def skip_reason(cfg: Config) -> str | None:
     if cfg.data.format == "chat" and cfg.data.train_on == "all":
         return "data.train_on=all makes the whole conversation the target, so no turn is a prompt"
     return None
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    log.info(message)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,13 +193,13 @@ def decode_samples(cfg: Config, engine: Engine, samples: list[Sample], tokenizer
 
 def generation_eval(cfg: Config, engine: Engine, val_set: Any, tokenizer) -> tuple[dict[str, float], list[dict]]:
     """Metrics and {prompt (as the model saw it, special tokens included), reference, output} rows for the first
-    eval.generate_samples validation examples; none when that is 0, or for data without prompts (one INFO line
+    eval.generate_samples validation examples; none when that is 0, or for data without prompts (one warning
     says why). Collective: every rank calls it, with the model in eval mode."""
     if not cfg.eval.generate_samples:
         return {}, []
     reason = skip_reason(cfg)
     if reason:
-        _log_once(f"eval.generate_samples={cfg.eval.generate_samples} skipped: {reason}; generation metrics are "
+        warn_once(f"eval.generate_samples={cfg.eval.generate_samples} skipped: {reason}; generation metrics are "
                   "for instruction and chat data")
         return {}, []
     samples = first_samples(val_set, cfg.eval.generate_samples)

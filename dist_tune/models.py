@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dist_tune import attention, hub, init_weights
+from dist_tune import attention, hub, init_weights, safetensors_read
 from dist_tune.config import (Config, ModelConfig, bf16_device, data_formats, flattened, qlora_compute_dtype,
                               resolve_padding_free, resolve_precision, uses_target_logits)
 from dist_tune.errors import UserError
@@ -203,11 +203,8 @@ def check_complete(cfg: Config, model: torch.nn.Module, missing: list[str], sour
 def checkpoint_plan(model: torch.nn.Module, cfg: Config) -> tuple[Path, dict[str, list[str]]]:
     """(model directory, each checkpoint tensor it must read → the parameters that take it: several for peft's
     modules_to_save copies) for a model built empty; missing or misshapen weights are one-line errors."""
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
     source = model_directory(cfg.model)
-    keys = HuggingFaceStorageReader(str(source)).read_metadata().state_dict_metadata \
-        if any(source.glob("*.safetensors")) else {}
+    keys = safetensors_read.entries(source)
     if not keys:
         raise UserError(f"model directory '{source}' has no .safetensors weights, which sharded engines read tensor "
                         "by tensor; re-save it with save_pretrained(safe_serialization=True)")
@@ -223,8 +220,8 @@ def checkpoint_plan(model: torch.nn.Module, cfg: Config) -> tuple[Path, dict[str
     check_complete(cfg, model, missing, source)
     for key, names in groups.items():
         shape = tuple(init_weights.full_shape(params[names[0]]))
-        if tuple(keys[key].size) != shape:
-            raise UserError(f"checkpoint tensor '{key}' in '{source}' has shape {tuple(keys[key].size)} but the model "
+        if keys[key].shape != shape:
+            raise UserError(f"checkpoint tensor '{key}' in '{source}' has shape {keys[key].shape} but the model "
                             f"needs {shape}; check the model directory's config.json")
     return source, groups
 

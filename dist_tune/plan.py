@@ -77,6 +77,15 @@ def training_rows(cfg: Config, rows: int) -> tuple[int, str]:
     return rows - held, f"{rows - held:,} for training, {held:,} held out by data.validation_split"
 
 
+def steps_per_epoch(micro_batches: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over a rank's `micro_batches` training batches (at least one, or a UserError)."""
+    steps = micro_batches // grad_accum
+    if steps < 1:
+        raise UserError(f"the training set gives {micro_batches} micro-batches per rank, fewer than "
+                        f"train.grad_accum={grad_accum}; use more data or a smaller batch")
+    return steps
+
+
 def steps_line(cfg: Config, train_rows: int | None, world: int, data: str) -> str:
     """Optimizer steps and epochs, as the trainer counts them (whole micro-batches per rank, then grad_accum)."""
     t = cfg.train
@@ -85,11 +94,7 @@ def steps_line(cfg: Config, train_rows: int | None, world: int, data: str) -> st
         if t.max_steps:
             return f"{t.max_steps:,} (train.max_steps); epochs unknown: {unknown}"
         return f"unknown: train.epochs={t.epochs:g} of {unknown}; set train.max_steps to fix the count"
-    per_epoch = train_rows // world // t.micro_batch_size // t.grad_accum
-    if per_epoch < 1:
-        raise UserError(f"the training set gives {train_rows // world // t.micro_batch_size} micro-batches per rank "
-                        f"on {world} rank(s), fewer than train.grad_accum={t.grad_accum}; use more data or a smaller "
-                        "batch")
+    per_epoch = steps_per_epoch(train_rows // world // t.micro_batch_size, t.grad_accum)
     packed = " before packing (data.pack merges rows: fewer steps)" if cfg.data.pack else ""
     if t.max_steps:
         epochs = t.max_steps / per_epoch

@@ -19,6 +19,7 @@ from dist_tune.config import Config
 from dist_tune.data import build_loader
 from dist_tune.engines.base import Engine
 from dist_tune.errors import TrainingError, UserError
+from dist_tune.plan import steps_per_epoch
 from dist_tune.generation import generation_eval, write_generations
 from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
 from dist_tune.preemption import PreemptionHandler
@@ -80,15 +81,6 @@ class StepResult:
     skipped: bool = False
 
 
-def steps_per_epoch(loader: DataLoader, grad_accum: int) -> int:
-    """Optimizer steps in one pass over this rank's training batches (at least one, or a UserError)."""
-    steps = len(loader) // grad_accum
-    if steps < 1:
-        raise UserError(f"the training set gives {len(loader)} micro-batches per rank, fewer than "
-                        f"train.grad_accum={grad_accum}; use more data or a smaller batch")
-    return steps
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -112,7 +104,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.causal = self.cfg.model.task == "causal_lm"
-        self.steps_per_epoch = steps_per_epoch(self.loader, self.cfg.train.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(self.loader), self.cfg.train.grad_accum)
 
     # --- schedule ----------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ from dist_tune.engines.parallelize import apply_common
 from dist_tune.errors import UserError
 from dist_tune.hf_save import FullTensor
 from dist_tune.models import decoder_layers, load_weights
+from dist_tune.safetensors_read import PositionalHFReader
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def read_checkpoint_shards(model: torch.nn.Module, source: Path, groups: dict[st
     several) straight into the parameters' DTensors (models.checkpoint_plan says which)."""
     params = dict(model.named_parameters())
     dcp.load({key: params[names[0]] for key, names in groups.items()},
-             storage_reader=dcp.HuggingFaceStorageReader(str(source)))
+             storage_reader=PositionalHFReader(str(source)))
     with torch.no_grad():
         for names in groups.values():
             for name in names[1:]:

@@ -4,12 +4,13 @@ a time, read by rank 0 and scattered to the partitions. No rank ever holds the w
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from dist_tune import safetensors_read
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -47,36 +48,14 @@ def gathered(param: torch.Tensor) -> torch.Tensor:
         return param.detach().clone()
 
 
-def checkpoint_files(source: Path) -> dict[str, Path]:
-    """Each tensor name of a HF safetensors checkpoint → the file that holds it."""
-    index = source / "model.safetensors.index.json"
-    if index.is_file():
-        return {key: source / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-
-    files = {}
-    for path in sorted(source.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            files.update(dict.fromkeys(handle.keys(), path))
-    return files
-
-
-def read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor, the file opened for it alone (so its mapped pages are released with it)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return handle.get_tensor(key)
-
-
 def read_checkpoint(model: torch.nn.Module, source: Path, groups: dict[str, list[str]]) -> None:
     """Rank 0 reads each checkpoint tensor and scatters it to the partitions of the parameters that take it
     (models.checkpoint_plan says which); a parameter not partitioned (a peft copy) is read on every rank."""
-    files = checkpoint_files(source)
+    files = safetensors_read.entries(source)
     params = dict(model.named_parameters())
     for key, names in groups.items():
         everywhere = not all(is_partitioned(params[name]) for name in names)
-        value = read_tensor(files[key], key) if everywhere or dist.get_rank() == 0 else None
+        value = safetensors_read.read_rows(files[key]) if everywhere or dist.get_rank() == 0 else None
         for name in names:
             if is_partitioned(params[name]):
                 assign_partitioned(params[name], value)

@@ -28,6 +28,8 @@ def test_training_learns_and_writes_a_complete_run_dir(finished_run):
     assert set(evals) == {15, 30} and evals[30] < evals[15]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 30 and summary["stopped"] == "completed"
+    (load_peak,), (peak,) = summary["load_peak_host_rss_gib_per_rank"], summary["peak_host_rss_gib_per_rank"]
+    assert 0.1 < load_peak <= peak < 16  # GiB: the load peak is part of the lifetime peak
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "final/model.safetensors",
                  "final/config.json", "final/tokenizer.json"):
         assert (run_dir / name).is_file(), name

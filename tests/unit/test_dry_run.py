@@ -192,8 +192,8 @@ def test_too_little_data_for_the_job_is_an_error(tmp_path, capsys, monkeypatch):
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": str(i)}) + "\n" for i in range(20)))
     with pytest.raises(SystemExit):
         main(["train", f"--data.path={data}", "--engine.kind=ddp", "--train.micro_batch_size=4", "--dry_run"])
-    assert capsys.readouterr().err == ("dist-tune: error: the training set gives 0 micro-batches per rank on 8 "
-                                       "rank(s), fewer than train.grad_accum=1; use more data or a smaller batch\n")
+    assert capsys.readouterr().err == ("dist-tune: error: the training set gives 0 micro-batches per rank, "
+                                       "fewer than train.grad_accum=1; use more data or a smaller batch\n")
 
 
 def test_memory_of_a_model_that_cannot_be_read_offline_is_unknown(tmp_path, capsys):

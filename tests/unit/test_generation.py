@@ -81,10 +81,10 @@ def test_chat_reference_is_the_last_assistant_turn_after_the_earlier_turns(tmp_p
     assert tok.decode(sample.reference, skip_special_tokens=True) == "9"
 
 
-def test_text_data_is_skipped_with_one_info_line(tmp_path, tok, caplog):
+def test_text_data_is_skipped_with_one_warning(tmp_path, tok, caplog):
     cfg, val = validation_set(tmp_path, tok, [{"text": "one two three"}] * 3, format="text")
     cfg.eval.generate_samples = 2
-    with caplog.at_level(logging.INFO, logger="dist_tune.generation"):
+    with caplog.at_level(logging.WARNING, logger="dist_tune.metrics"):
         assert generation_eval(cfg, None, val, tok) == ({}, [])
         assert generation_eval(cfg, None, val, tok) == ({}, [])
     assert [r.getMessage() for r in caplog.records] == [
