@@ -91,16 +91,6 @@ def resume_checkpoint(run_dir: Path, mode: str, model_name: str) -> Path | None:
     return path
 
 
-def check_world_size(path: Path, engine_kind: str, world_size: int) -> None:
-    """A DeepSpeed checkpoint resumes only at the world size that saved it (FSDP's DCP state reshards, the
-    others hold whole state); raises the UserError before any model is built."""
-    saved = read_state(path).world_size
-    if engine_kind == "deepspeed" and saved != world_size:
-        raise UserError(f"checkpoint {path} was saved by DeepSpeed on {saved} ranks and this run has {world_size}; "
-                        f"ZeRO checkpoints resume only at the world size that saved them: launch {saved} ranks, "
-                        "or start fresh with train.resume=none")
-
-
 def read_state(path: Path, micro_batch_size: int | None = None) -> TrainState:
     """The checkpoint's TrainState. Checkpoints from before samples_in_epoch recorded micro-batches per rank and
     no world size: it is the number of rng_rank*.pt files, and the position converts to samples given the

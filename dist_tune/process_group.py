@@ -54,26 +54,28 @@ def backend_for(device: torch.device, cpu_offload: bool = False) -> str:
     return "cpu:gloo,cuda:nccl" if cpu_offload else "nccl"
 
 
-def init_distributed(env: ClusterEnv, device: torch.device, backend: str, timeout_minutes: float = 30) -> bool:
+def init_distributed(env: ClusterEnv, device: torch.device, backend: str, timeout_minutes: float = 30, *,
+                     group_when_alone: bool = False) -> bool:
     """Bind this process to `device` and, unless the launcher is ``single``, create the default process
-    group. Returns True when a group exists afterwards.
+    group; alone, a one-rank group on an in-memory store if `group_when_alone` (DeepSpeed needs one). Returns True
+    when a group exists afterwards.
 
     Exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE for srun-direct launches
-    (torchrun already set them; they are only filled in where missing)."""
+    (torchrun already set them, and alone they may be set: they are only filled in where missing)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if env.launcher == "single":
+    if env.launcher == "single" and not group_when_alone:
         return False
     if dist.is_initialized():
         return True
-    if env.launcher == "torchrun":
+    if env.launcher in ("torchrun", "single"):
         for key, value in env.torch_env().items():
             os.environ.setdefault(key, value)
     else:
         os.environ.update(env.torch_env())
     logger.info("init_process_group(%s) on %s; %s", backend, device, env.describe())
     timeout = timedelta(minutes=timeout_minutes)
-    store = _restart_store(env, timeout)
+    store = dist.HashStore() if env.launcher == "single" else _restart_store(env, timeout)
     dist.init_process_group(
         backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
         **({"store": store} if store is not None else {"init_method": "env://"}),

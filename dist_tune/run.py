@@ -158,8 +158,6 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     engine = build_engine(cfg, env, device)
     # fail before any data or model work: a resume that cannot work, a length the model cannot take
     resume_from = ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
-    if resume_from is not None:
-        ckpt.check_world_size(resume_from, cfg.engine.kind, env.world_size)
     rank0_first(engine, lambda: fetch_model(cfg), per_node=True)  # one download per node; the rest read the cache
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
@@ -203,7 +201,7 @@ def train(cfg: Config) -> dict[str, Any]:
     env = cluster.detect()
     device = process_group.select_device(cfg.train.device, env)
     process_group.init_distributed(env, device, process_group.backend_for(device, cfg.engine.cpu_offload),
-                                   cfg.engine.timeout_minutes)
+                                   cfg.engine.timeout_minutes, group_when_alone=cfg.engine.kind == "deepspeed")
     metrics.rank_logging(env.rank)
     try:
         run_dir = resolve_run_dir(cfg)

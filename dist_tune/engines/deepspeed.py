@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from functools import partial
 from types import SimpleNamespace
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 
 from dist_tune import init_weights
+from dist_tune.checkpoint import read_state
 from dist_tune.config import Config
 from dist_tune.engines import zero3
 from dist_tune.engines.base import Engine, OptimizerFactory, SchedulerFactory, param_groups
@@ -23,6 +26,8 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
 # ZeRO-3 keeps at most about two decoder blocks' parameters (~12 hidden² each) gathered at once; DeepSpeed's
 # default (1e9 parameters) keeps a whole 1B model gathered from the second step on
 LIVE_BLOCKS = 24
+TAG = "state"
+UNIVERSAL = "deepspeed_universal"
 
 
 def template_path(cfg: Config) -> Path:
@@ -101,6 +106,22 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
     return p.detach()
 
 
+def to_universal(ckpt_dir: Path) -> Path:
+    """The ZeRO checkpoint in `ckpt_dir` converted by DeepSpeed's ds_to_universal into its universal format, which
+    loads at any world size; written once beside it (tmp dir, then rename) and reused. Call on one rank."""
+    out = ckpt_dir / UNIVERSAL
+    if not out.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal.main(SimpleNamespace(
+            input_folder=str(ckpt_dir / "deepspeed" / TAG), output_folder=str(tmp / TAG), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        os.replace(tmp, out)
+    return out
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -177,12 +198,19 @@ class DeepSpeedEngine(Engine):
         return any(not p.requires_grad for p in self.unwrap().parameters())
 
     def save(self, ckpt_dir: Path) -> None:
-        self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", save_latest=False,
+        self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=TAG, save_latest=False,
                                    exclude_frozen_parameters=self._frozen())
 
     def load(self, ckpt_dir: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state",
-                                             load_module_strict=not self._frozen())
+        """A checkpoint saved at another world size loads through its universal conversion (rank 0 converts)."""
+        load_dir = ckpt_dir / "deepspeed"
+        if read_state(ckpt_dir).world_size != self.env.world_size:
+            if self.env.rank == 0:
+                to_universal(ckpt_dir)
+            self.barrier()
+            load_dir = ckpt_dir / UNIVERSAL
+            self.model._config.load_universal_checkpoint = True
+        path, _ = self.model.load_checkpoint(str(load_dir), tag=TAG, load_module_strict=not self._frozen())
         if path is None:
             raise UserError(f"DeepSpeed checkpoint in '{ckpt_dir}' could not be loaded; "
                             "remove it or set train.resume=none")

@@ -122,3 +122,15 @@ def test_early_stopping_stops_when_the_metric_stops_improving(runs_root):
     evals = read_metrics(runs_root / "early", "eval/loss")
     assert sorted(evals) == [2, 4, 6] and evals[6] < evals[4] < evals[2]
     assert (runs_root / "early" / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_trains_in_a_plain_process_like_the_single_engine(runs_root):
+    common = [*TINY, "--train.max_steps=4", "--model.dtype=float32", "--engine.mixed_precision=fp32",
+              f"--train.output_dir={runs_root}", "--checkpoint.save_final=false"]
+    losses = {}
+    for kind in ("single", "deepspeed"):
+        proc = dist_tune("train", *common, f"--engine.kind={kind}", "--engine.zero_stage=2",
+                         f"--train.run_name=alone-{kind}")
+        losses[kind] = json.loads(proc.stdout.strip().splitlines()[-1])["final_train_loss"]
+    assert losses["deepspeed"] == pytest.approx(losses["single"], rel=1e-4)

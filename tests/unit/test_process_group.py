@@ -1,6 +1,8 @@
 """dist_tune.process_group: one device rule (visible GPUs + local rank), the backend that follows it, group setup."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -89,6 +91,17 @@ def test_torchrun_world_of_one_creates_the_chosen_backend(monkeypatch):
         destroy_distributed()
     assert not dist.is_initialized()
     destroy_distributed()  # twice is fine
+
+
+def test_a_plain_process_gets_a_group_of_one_for_deepspeed(monkeypatch):
+    for key in ClusterEnv().torch_env():
+        monkeypatch.delenv(key, raising=False)  # restored afterwards
+    try:
+        assert init_distributed(ClusterEnv(), torch.device("cpu"), "gloo", timeout_minutes=1, group_when_alone=True)
+        assert dist.get_world_size() == 1
+        assert os.environ["LOCAL_RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"  # deepspeed.initialize reads them
+    finally:
+        destroy_distributed()
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
