@@ -95,7 +95,8 @@ def test_torchrun_world_of_one_creates_the_chosen_backend(monkeypatch):
 
 def test_a_plain_process_gets_a_group_of_one_for_deepspeed(monkeypatch):
     for key in ClusterEnv().torch_env():
-        monkeypatch.delenv(key, raising=False)  # restored afterwards
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)  # recorded, so whatever init_distributed exports is undone afterwards
     try:
         assert init_distributed(ClusterEnv(), torch.device("cpu"), "gloo", timeout_minutes=1, group_when_alone=True)
         assert dist.get_world_size() == 1
