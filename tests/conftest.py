@@ -1,5 +1,6 @@
 """Session fixtures shared by every test directory (helpers live in tests/helpers.py)."""
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,14 @@ def _restore_logging():
     yield
     logging.setLogRecordFactory(factory)
     logging.getLogger().setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process CLI calls may export the launcher's variables (a DeepSpeed run alone gets a one-rank group and
+    LOCAL_RANK etc.); undo them so the next test's cluster detection sees the environment it set."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
