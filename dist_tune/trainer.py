@@ -18,7 +18,7 @@ from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config
 from dist_tune.data import build_loader
 from dist_tune.engines.base import Engine
-from dist_tune.errors import TrainingError, UserError
+from dist_tune.errors import TrainingError
 from dist_tune.plan import steps_per_epoch
 from dist_tune.generation import generation_eval, write_generations
 from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
