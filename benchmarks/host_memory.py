@@ -2,6 +2,7 @@
 
     python benchmarks/host_memory.py                                   # fsdp, zero3 × lora, full × world size 2, 4
     python benchmarks/host_memory.py --engines fsdp --methods lora --world-sizes 2 --hidden 512 --layers 4
+    python benchmarks/host_memory.py --methods lora --shard-unit linear   # gather one linear layer at a time
 
 It writes a seeded random-init Llama-shaped checkpoint in bf16 once (default: TinyLlama's 1.1B shape with the
 shipped 2k-token tokenizer, `--cache` keeps it between runs), then runs the real CLI under torchrun (gloo) for each
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--shard-unit", choices=("block", "linear"), default="block",
+                   help="engine.shard_unit: how much of the model FSDP / ZeRO-3 gathers at once")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="engine.activation_checkpointing=true (keeps each block's input, not its activations)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dist_tune_host_memory"),
@@ -89,6 +94,10 @@ def checkpoint(args: argparse.Namespace) -> Path:
     return path
 
 
+def variant(args: argparse.Namespace) -> str:
+    return f"{args.shard_unit} units" + (", activation checkpointing" if args.activation_checkpointing else "")
+
+
 def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -96,14 +105,15 @@ def weight_bytes(path: Path) -> int:
 def run(args: argparse.Namespace, model: str, engine: str, method: str, world_size: int) -> dict:
     """One training run under torchrun; its summary.json, or the failure."""
     out = Path(args.cache) / "runs"
-    name = f"{Path(model).name}-{engine}-{method}-ws{world_size}"
+    name = f"{Path(model).name}-{engine}-{method}-ws{world_size}-{args.shard_unit}" + "-ac" * args.activation_checkpointing
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}",
            "-m", "dist_tune.cli", "train", f"--model.name_or_path={model}", "--data.path=bundled:text", "--data.format=text",
            f"--data.max_length={args.max_length}", "--model.dtype=bfloat16", "--engine.mixed_precision=bf16",
            "--train.micro_batch_size=1", f"--train.max_steps={args.steps}", "--train.device=cpu",
            f"--train.output_dir={out}", f"--train.run_name={name}", "--train.resume=none", "--log.log_steps=1",
-           "--log.wandb.mode=disabled", "--train.eval_max_batches=1", *ENGINES[engine], *METHODS[method]]
+           "--log.wandb.mode=disabled", "--train.eval_max_batches=1", f"--engine.shard_unit={args.shard_unit}",
+           f"--engine.activation_checkpointing={args.activation_checkpointing}", *ENGINES[engine], *METHODS[method]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -147,12 +157,13 @@ def measure(args: argparse.Namespace) -> tuple[dict, str]:
                 lines.append(table_line(row))
                 print(lines[-1], flush=True)
     report = {"checkpoint": str(model), "checkpoint_gib": size / GIB, "cpu": cpu_model(), "commit": git_commit(),
-              "load_average": os.getloadavg(), "max_length": args.max_length, "steps": args.steps, "rows": rows}
+              "load_average": os.getloadavg(), "max_length": args.max_length, "steps": args.steps,
+              "shard_unit": args.shard_unit, "activation_checkpointing": args.activation_checkpointing, "rows": rows}
     header = (f"### Host RAM per rank vs checkpoint size (CPU/gloo, bf16), {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n\n"
               f"Checkpoint {size / GIB:.2f} GiB ({args.hidden} hidden, {args.layers} layers); load, {args.steps} "
-              f"steps at max_length {args.max_length}, final save. Ratio = (peak RSS − same run on tiny-llama) / "
+              f"steps at max_length {args.max_length}, final save, {variant(args)}. Ratio = (peak RSS − same run on tiny-llama) / "
               f"checkpoint bytes, per rank (rank 0 first). {cpu_model()}, commit {git_commit()}, load average "
-              f"{os.getloadavg()[0]:.1f}. `python benchmarks/host_memory.py`\n\n"
+              f"{os.getloadavg()[0]:.1f}. `python benchmarks/host_memory.py {' '.join(sys.argv[1:])}`\n\n"
               "| engine | method | world size | peak RSS GiB per rank | ratio per rank | target met | ratio at the end "
               "of loading | seconds |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- |\n")

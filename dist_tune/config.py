@@ -104,6 +104,7 @@ class EngineConfig:
     offload_params: bool = False
     ds_config: str | None = None
     reshard_after_forward: bool = True
+    shard_unit: str = "block"
     sync_each_batch: bool = True
     cpu_offload: bool = False
     replicate_degree: int = 1
@@ -211,6 +212,7 @@ CHOICES = {
     "engine.kind": ("single", "ddp", "fsdp", "deepspeed"),
     "engine.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "engine.zero_stage": (1, 2, 3),
+    "engine.shard_unit": ("block", "linear"),
     "optim.name": ("adamw", "sgd"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "train.nan_policy": ("skip", "stop"),
@@ -387,6 +389,10 @@ def validate(cfg: Config) -> Config:
          "remove it or set engine.kind=fsdp"),
         (not (cfg.engine.offload_params and cfg.engine.zero_stage != 3),
          "engine.offload_params needs engine.zero_stage=3"),
+        (cfg.engine.shard_unit == "block" or cfg.engine.kind == "fsdp"
+         or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3),
+         "engine.shard_unit=linear sets how much of a sharded model is gathered at once; it needs engine.kind=fsdp, "
+         "or deepspeed with engine.zero_stage=3; remove it"),
         (cfg.engine.replicate_degree >= 1, "engine.replicate_degree must be >= 1"),
         (cfg.engine.replicate_degree == 1 or cfg.engine.kind == "fsdp"
          or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3),

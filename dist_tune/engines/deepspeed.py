@@ -23,9 +23,10 @@ from dist_tune.hf_save import FullTensor
 from dist_tune.models import load_weights
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
-# ZeRO-3 keeps at most about two decoder blocks' parameters (~12 hidden² each) gathered at once; DeepSpeed's
-# default (1e9 parameters) keeps a whole 1B model gathered from the second step on
-LIVE_BLOCKS = 24
+# How many hidden² parameters ZeRO-3 keeps gathered at once, per engine.shard_unit: about two decoder blocks
+# (~12 hidden² each), or about one linear layer (an MLP projection is ~3 hidden²; DeepSpeed still gathers a larger
+# module whole). DeepSpeed's default (1e9 parameters) keeps a whole 1B model gathered from the second step on.
+LIVE_HIDDEN_SQUARES = {"block": 24, "linear": 3}
 TAG = "state"
 UNIVERSAL = "deepspeed_universal"
 
@@ -72,11 +73,12 @@ def ds_config(cfg: Config, world_size: int, hidden_size: int) -> dict[str, Any]:
                  "zero_optimization.zero_hpz_partition_size",
                  f" (world size {world_size} / engine.replicate_degree {cfg.engine.replicate_degree})")
     on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+    live = LIVE_HIDDEN_SQUARES[cfg.engine.shard_unit] * hidden_size * hidden_size
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                        ("stage3_param_persistence_threshold", 10 * hidden_size),
-                       ("stage3_max_live_parameters", LIVE_BLOCKS * hidden_size * hidden_size),
-                       ("stage3_max_reuse_distance", LIVE_BLOCKS * hidden_size * hidden_size),
+                       ("stage3_max_live_parameters", live),
+                       ("stage3_max_reuse_distance", live),
                        ("overlap_comm", on_gpu)):  # overlapping needs a GPU's side streams
         if zero.get(key) == "auto":
             zero[key] = value

@@ -1,4 +1,5 @@
-"""FSDP2: `fully_shard` on every decoder block, then the root; DCP sharded checkpoints."""
+"""FSDP2: `fully_shard` on every decoder block (or on each of its linear layers, then the block), then the root;
+DCP sharded checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dist_tune import init_weights
@@ -37,14 +38,30 @@ def fsdp_mesh(device: torch.device, world_size: int, replicate_degree: int) -> D
                             mesh_dim_names=("replicate", "shard"))
 
 
+def linear_layers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The block's linear layers (torch Linear, transformers' Conv1D), each peft-wrapped one with its adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D
+
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in block.named_modules():
+        inside_found = any(name.startswith(f"{outer}.") for outer, _ in found)
+        if not inside_found and isinstance(module, (BaseTunerLayer, torch.nn.Linear, Conv1D)):
+            found.append((name, module))
+    return [module for _, module in found]
+
+
 def apply_fsdp(model: torch.nn.Module, *, mesh: DeviceMesh, param_dtype: torch.dtype | None,
-               reshard_after_forward: bool, cpu_offload: bool) -> None:
-    """Shard each decoder block as its own unit, then the root (embeddings, norm, head)."""
+               reshard_after_forward: bool, cpu_offload: bool, shard_unit: str) -> None:
+    """Shard each decoder block as its own unit (with shard_unit "linear", each of its linear layers first, so only
+    one linear layer's weights are gathered at a time), then the root (embeddings, norm, head)."""
     kwargs = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               "reshard_after_forward": reshard_after_forward}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
+        for linear in linear_layers(layer) if shard_unit == "linear" else []:
+            fully_shard(linear, **kwargs)
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
 
@@ -91,9 +108,12 @@ class FSDPEngine(Engine):
                 scheduler_factory: SchedulerFactory) -> None:
         apply_common(model, self.cfg)
         mesh = fsdp_mesh(self.device, self.env.world_size, self.cfg.engine.replicate_degree)
-        log.info("FSDP mesh %s", dict(zip(mesh.mesh_dim_names, mesh.shape)))
         apply_fsdp(model, mesh=mesh, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
-                   reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload)
+                   reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload,
+                   shard_unit=self.cfg.engine.shard_unit)
+        units = sum(isinstance(m, FSDPModule) for m in model.modules())
+        log.info("FSDP mesh %s, %d units (shard_unit %s)", dict(zip(mesh.mesh_dim_names, mesh.shape)), units,
+                 self.cfg.engine.shard_unit)
         param_device, buffer_device = placement(self.device, self.cfg.engine.cpu_offload)
         init_weights.materialise(model, param_device)
         move_buffers(model, buffer_device)

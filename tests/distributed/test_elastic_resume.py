@@ -54,3 +54,17 @@ def test_deepspeed_two_to_four_to_two_ranks_resumes_through_a_universal_checkpoi
     converted = (runs_root / name / "checkpoints").glob("*/deepspeed_universal/state")
     assert [p.parent.parent.name for p in converted] == ["step_00000004"]
     assert_same_losses(runs_root, name, rel=1e-5)  # LoRA's losses lie closer together; ZeRO matches to 1e-7
+
+
+def test_fsdp_checkpoint_resumes_with_another_shard_unit(runs_root):
+    """Block units for 2 steps, then linear units to step 4: the same losses as 4 steps with block units (DCP keys
+    are parameter names, whatever the FSDP units)."""
+    lora = ("--peft.method=lora", "--checkpoint.save_steps=2")
+    dist_tune("train", *args(runs_root, "units-straight", 2, 4, *lora), nproc=2)
+    dist_tune("train", *args(runs_root, "units", 2, 2, *lora), nproc=2)
+    proc = dist_tune("train", *args(runs_root, "units", 2, 4, *lora, "--engine.shard_unit=linear"), nproc=2)
+    assert "resumed from" in proc.stderr and "17 units (shard_unit linear)" in proc.stderr
+    straight, resumed = read_metrics(runs_root / "units-straight"), read_metrics(runs_root / "units")
+    assert resumed.keys() == straight.keys() == {1, 2, 3, 4}
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step

@@ -67,7 +67,11 @@ def test_each_rank_reads_or_initialises_only_its_shards_and_gets_the_unsharded_m
         "preset + lora": {"model.name_or_path": "tiny-llama", "peft.method": "lora"},
         "preset + dora": {"model.name_or_path": "tiny-llama", "peft.method": "dora"},
         "preset + adapter": {"model.name_or_path": "tiny-llama", "peft.method": "adapter"},
+        "preset + adapter, linear units": {"model.name_or_path": "tiny-llama", "peft.method": "adapter",
+                                           "engine.shard_unit": "linear"},
         "bf16 index, full": {"model.name_or_path": str(checkpoints["untied"])},
+        "bf16 index, full, linear units": {"model.name_or_path": str(checkpoints["untied"]),
+                                           "engine.shard_unit": "linear"},
         "tied + lora": {"model.name_or_path": str(checkpoints["tied"]), "peft.method": "lora"},
         "bert base + new head + lora": {"model.name_or_path": str(checkpoints["bert"]), "peft.method": "lora",
                                         **CLASSIFY},
@@ -84,15 +88,33 @@ def test_each_rank_reads_or_initialises_only_its_shards_and_gets_the_unsharded_m
         assert result["local_share"] < 0.6, (case, result)  # no rank holds the whole model
 
 
-def test_sharded_load_trains_with_the_single_device_losses(checkpoints, runs_root):
-    args = [*TINY_OVERRIDES, f"--model.name_or_path={checkpoints['tied']}", "--peft.method=lora", "--optim.lr=1e-2",
+@pytest.fixture(scope="module")
+def tied_lora_args(checkpoints, runs_root):
+    return [*TINY_OVERRIDES, f"--model.name_or_path={checkpoints['tied']}", "--peft.method=lora", "--optim.lr=1e-2",
             "--train.max_steps=2", "--log.log_steps=1", "--train.eval_steps=null", "--checkpoint.save_final=false",
             f"--train.output_dir={runs_root}"]
-    dist_tune("train", "--config=demo", *args, "--train.run_name=tied-single", "--train.micro_batch_size=8")
-    dist_tune("train", "--config=demo", *args, "--train.run_name=tied-fsdp", "--engine.kind=fsdp", nproc=2)
-    expected, got = read_metrics(runs_root / "tied-single"), read_metrics(runs_root / "tied-fsdp")
-    assert expected.keys() == got.keys() == {1, 2}
-    for step, loss in expected.items():
+
+
+@pytest.fixture(scope="module")
+def tied_single(tied_lora_args, runs_root):
+    dist_tune("train", "--config=demo", *tied_lora_args, "--train.run_name=tied-single", "--train.micro_batch_size=8")
+    return read_metrics(runs_root / "tied-single")
+
+
+@pytest.mark.parametrize("engine, shard_unit, units", [
+    (["--engine.kind=fsdp"], "block", 3),  # 2 decoder blocks + the root
+    (["--engine.kind=fsdp"], "linear", 17),  # + 7 projections per block, LoRA adapters inside theirs
+    (["--engine.kind=deepspeed", "--engine.zero_stage=3"], "linear", None)])
+def test_sharded_load_trains_with_the_single_device_losses(tied_lora_args, tied_single, runs_root, engine,
+                                                           shard_unit, units):
+    name = f"tied-{'-'.join(arg.rsplit('=', 1)[-1] for arg in engine)}-{shard_unit}"
+    proc = dist_tune("train", "--config=demo", *tied_lora_args, f"--train.run_name={name}", *engine,
+                     f"--engine.shard_unit={shard_unit}", nproc=2)
+    if units is not None:
+        assert f"{units} units (shard_unit {shard_unit})" in proc.stderr
+    got = read_metrics(runs_root / name)
+    assert tied_single.keys() == got.keys() == {1, 2}
+    for step, loss in tied_single.items():
         assert got[step] == pytest.approx(loss, rel=1e-4), step
 
 
