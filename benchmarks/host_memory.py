@@ -105,7 +105,8 @@ def weight_bytes(path: Path) -> int:
 def run(args: argparse.Namespace, model: str, engine: str, method: str, world_size: int) -> dict:
     """One training run under torchrun; its summary.json, or the failure."""
     out = Path(args.cache) / "runs"
-    name = f"{Path(model).name}-{engine}-{method}-ws{world_size}-{args.shard_unit}" + "-ac" * args.activation_checkpointing
+    variant_slug = args.shard_unit + "-ac" * args.activation_checkpointing
+    name = f"{Path(model).name}-{engine}-{method}-ws{world_size}-{variant_slug}"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}",
            "-m", "dist_tune.cli", "train", f"--model.name_or_path={model}", "--data.path=bundled:text", "--data.format=text",
@@ -161,7 +162,8 @@ def measure(args: argparse.Namespace) -> tuple[dict, str]:
               "shard_unit": args.shard_unit, "activation_checkpointing": args.activation_checkpointing, "rows": rows}
     header = (f"### Host RAM per rank vs checkpoint size (CPU/gloo, bf16), {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n\n"
               f"Checkpoint {size / GIB:.2f} GiB ({args.hidden} hidden, {args.layers} layers); load, {args.steps} "
-              f"steps at max_length {args.max_length}, final save, {variant(args)}. Ratio = (peak RSS − same run on tiny-llama) / "
+              f"steps at max_length {args.max_length}, final save, {variant(args)}. "
+              "Ratio = (peak RSS − same run on tiny-llama) / "
               f"checkpoint bytes, per rank (rank 0 first). {cpu_model()}, commit {git_commit()}, load average "
               f"{os.getloadavg()[0]:.1f}. `python benchmarks/host_memory.py {' '.join(sys.argv[1:])}`\n\n"
               "| engine | method | world size | peak RSS GiB per rank | ratio per rank | target met | ratio at the end "

@@ -389,13 +389,11 @@ def validate(cfg: Config) -> Config:
          "remove it or set engine.kind=fsdp"),
         (not (cfg.engine.offload_params and cfg.engine.zero_stage != 3),
          "engine.offload_params needs engine.zero_stage=3"),
-        (cfg.engine.shard_unit == "block" or cfg.engine.kind == "fsdp"
-         or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3),
+        (cfg.engine.shard_unit == "block" or shards_parameters(cfg),
          "engine.shard_unit=linear sets how much of a sharded model is gathered at once; it needs engine.kind=fsdp, "
          "or deepspeed with engine.zero_stage=3; remove it"),
         (cfg.engine.replicate_degree >= 1, "engine.replicate_degree must be >= 1"),
-        (cfg.engine.replicate_degree == 1 or cfg.engine.kind == "fsdp"
-         or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3),
+        (cfg.engine.replicate_degree == 1 or shards_parameters(cfg),
          "engine.replicate_degree (hierarchical sharding) needs engine.kind=fsdp, or deepspeed with "
          "engine.zero_stage=3; set engine.replicate_degree=1"),
         (not (cfg.data.padding_free is True and cfg.model.task != "causal_lm"),
@@ -495,6 +493,12 @@ def bf16_device(device) -> bool:
     import torch
 
     return torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def shards_parameters(cfg: Config) -> bool:
+    """FSDP and ZeRO-3 shard the weights themselves (each rank builds, loads and gathers only its share); every
+    other engine holds the whole model in each process."""
+    return cfg.engine.kind == "fsdp" or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3)
 
 
 def flattened(cfg: Config) -> bool:

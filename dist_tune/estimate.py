@@ -40,7 +40,7 @@ import torch
 from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import AutoConfig
 
-from dist_tune.config import FP32_ADAPTER_METHODS, Config, resolve_precision
+from dist_tune.config import FP32_ADAPTER_METHODS, Config, resolve_precision, shards_parameters
 from dist_tune.models import load_tokenizer, model_config
 
 GIB = 1024 ** 3
@@ -192,17 +192,12 @@ def grads_unsharded_between_micro_batches(cfg: Config) -> bool:
     return cfg.engine.kind == "fsdp" and not cfg.engine.sync_each_batch and cfg.train.grad_accum > 1
 
 
-def partitioned_load(cfg: Config) -> bool:
-    """FSDP reads its shards; ZeRO-3 builds the model partitioned. Other engines hold it whole in every process."""
-    return cfg.engine.kind == "fsdp" or (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3)
-
-
 def host_memory(cfg: Config, total: int, trainable: int, world_size: int, procs_per_node: int) -> HostMemory:
     """Host RAM per node to load the model and to write the final model (see the module docstring)."""
     storage = DTYPE_BYTES[cfg.model.dtype]
     adapter = FP32 if cfg.peft.method in FP32_ADAPTER_METHODS else storage
     model = (total - trainable) * storage + trainable * adapter
-    load = model / world_size if partitioned_load(cfg) else model
+    load = model / world_size if shards_parameters(cfg) else model
     if cfg.peft.method != "full":
         save, writers = trainable * adapter, 1
     else:
