@@ -2,7 +2,6 @@
 trainer → final export."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dist_tune import checkpoint as ckpt
-from dist_tune import cluster, hf_save, metrics, preemption, process_group, run_lock
+from dist_tune import cluster, hf_save, host_heap, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config
 from dist_tune.data import build_datasets, build_loader
 from dist_tune.engines import build_engine
@@ -26,10 +25,6 @@ from dist_tune.plan import steps_per_epoch
 from dist_tune.trainer import Trainer, total_steps
 
 log = logging.getLogger(__name__)
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-LARGE_ALLOCATION = 2**20
-
 
 def default_run_name(cfg: Config) -> str:
     """Stable across requeues and elastic restarts (job or rendezvous id), unique otherwise."""
@@ -182,22 +177,10 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
                    preemption=handler, mfu=mfu_function(cfg, model, engine), state=state)
 
 
-def return_large_frees_to_the_os(threshold: int = LARGE_ALLOCATION) -> bool:
-    """Make glibc hand freed blocks of `threshold` bytes or more back to the OS. By default it raises its mmap
-    threshold each time such a block is freed and then keeps weight-sized blocks in its heap, so the one-tensor-
-    at-a-time gathers of sharded loading, training and saving pile up as resident memory (GiBs per rank on a 1B
-    model); at 1 MiB the heap keeps only small objects (a 1B LoRA step on CPU: 0.13 GiB retained instead of 0.4,
-    at no measurable cost in step time). False where the C library is not glibc."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold) == 1
-    except (OSError, AttributeError):
-        return False
-
-
 def train(cfg: Config) -> dict[str, Any]:
     """Train per the config in this process (one rank of the job); returns the run summary."""
     preemption.capture_early_signal()
-    return_large_frees_to_the_os()
+    host_heap.return_large_frees_to_the_os()
     env = cluster.detect()
     device = process_group.select_device(cfg.train.device, env)
     process_group.init_distributed(env, device, process_group.backend_for(device, cfg.engine.cpu_offload),

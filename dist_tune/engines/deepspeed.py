@@ -146,7 +146,7 @@ class DeepSpeedEngine(Engine):
 
         if init_weights.built_empty(model):
             load_weights(model, self.cfg, zero3.read_checkpoint)
-        apply_common(model, self.cfg)
+        apply_common(model, self.cfg, self.device)
         self.saved_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
         hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
         self.ds_config = ds_config(self.cfg, self.env.world_size, hidden)

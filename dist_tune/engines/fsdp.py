@@ -106,7 +106,7 @@ class FSDPEngine(Engine):
 
     def prepare(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory,
                 scheduler_factory: SchedulerFactory) -> None:
-        apply_common(model, self.cfg)
+        apply_common(model, self.cfg, self.device)
         mesh = fsdp_mesh(self.device, self.env.world_size, self.cfg.engine.replicate_degree)
         apply_fsdp(model, mesh=mesh, param_dtype=AUTOCAST.get(self.cfg.engine.mixed_precision),
                    reshard_after_forward=self.cfg.engine.reshard_after_forward, cpu_offload=self.cfg.engine.cpu_offload,

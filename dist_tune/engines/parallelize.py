@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_tune.config import Config
+from dist_tune.config import Config, shards_parameters
+from dist_tune.host_heap import release_after_each_block
 from dist_tune.models import decoder_layers
 
 
@@ -20,7 +21,9 @@ def apply_compile(model: torch.nn.Module) -> None:
         layer.compile()
 
 
-def apply_common(model: torch.nn.Module, cfg: Config) -> None:
+def apply_common(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    if device.type == "cpu" and shards_parameters(cfg):
+        release_after_each_block(decoder_layers(model))
     if cfg.engine.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.engine.compile:

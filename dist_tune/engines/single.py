@@ -16,7 +16,7 @@ class SingleEngine(Engine):
                 scheduler_factory: SchedulerFactory) -> None:
         if not getattr(model, "hf_device_map", None):  # quantised models were placed at load time
             model.to(self.device)
-        apply_common(model, self.cfg)
+        apply_common(model, self.cfg, self.device)
         self.model = self.wrap(model)
         self.optimizer = optimizer_factory(param_groups(self.unwrap(), self.cfg.optim.weight_decay))
         self.scheduler = scheduler_factory(self.optimizer)
