@@ -3,6 +3,7 @@
     python benchmarks/host_memory.py                                   # fsdp, zero3 × lora, full × world size 2, 4
     python benchmarks/host_memory.py --engines fsdp --methods lora --world-sizes 2 --hidden 512 --layers 4
     python benchmarks/host_memory.py --methods lora --shard-unit linear   # gather one linear layer at a time
+    python benchmarks/host_memory.py --vocab 32000                        # TinyLlama's own vocabulary size
 
 It writes a seeded random-init Llama-shaped checkpoint in bf16 once (default: TinyLlama's 1.1B shape with the
 shipped 2k-token tokenizer, `--cache` keeps it between runs), then runs the real CLI under torchrun (gloo) for each
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=0, help="embedding rows (default: the shipped tokenizer's 1606)")
     p.add_argument("--shard-unit", choices=("block", "linear"), default="block",
                    help="engine.shard_unit: how much of the model FSDP / ZeRO-3 gathers at once")
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -71,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def checkpoint(args: argparse.Namespace) -> Path:
     """The bf16 Llama-shaped checkpoint (written on first use) with the shipped tokenizer."""
-    path = Path(args.cache) / f"llama-h{args.hidden}-l{args.layers}-i{args.intermediate}"
+    path = Path(args.cache) / (f"llama-h{args.hidden}-l{args.layers}-i{args.intermediate}"
+                               + (f"-v{args.vocab}" if args.vocab else ""))
     if (path / "config.json").is_file():
         return path
     import torch
@@ -82,7 +85,8 @@ def checkpoint(args: argparse.Namespace) -> Path:
 
     tokenizer = load_tokenizer(load_config(None, {"model.name_or_path": "tiny-llama"}))
     heads = args.hidden // 64
-    hf_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
+    hf_cfg = LlamaConfig(vocab_size=args.vocab or len(tokenizer), hidden_size=args.hidden,
+                         num_hidden_layers=args.layers,
                          intermediate_size=args.intermediate, num_attention_heads=heads,
                          num_key_value_heads=max(1, heads // 8), max_position_embeddings=2048,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -159,9 +163,11 @@ def measure(args: argparse.Namespace) -> tuple[dict, str]:
                 print(lines[-1], flush=True)
     report = {"checkpoint": str(model), "checkpoint_gib": size / GIB, "cpu": cpu_model(), "commit": git_commit(),
               "load_average": os.getloadavg(), "max_length": args.max_length, "steps": args.steps,
+              "vocab": args.vocab or None,
               "shard_unit": args.shard_unit, "activation_checkpointing": args.activation_checkpointing, "rows": rows}
     header = (f"### Host RAM per rank vs checkpoint size (CPU/gloo, bf16), {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n\n"
-              f"Checkpoint {size / GIB:.2f} GiB ({args.hidden} hidden, {args.layers} layers); load, {args.steps} "
+              f"Checkpoint {size / GIB:.2f} GiB ({args.hidden} hidden, {args.layers} layers"
+              f"{f', {args.vocab} vocabulary' if args.vocab else ''}); load, {args.steps} "
               f"steps at max_length {args.max_length}, final save, {variant(args)}. "
               "Ratio = (peak RSS − same run on tiny-llama) / "
               f"checkpoint bytes, per rank (rank 0 first). {cpu_model()}, commit {git_commit()}, load average "

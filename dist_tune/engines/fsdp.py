@@ -1,5 +1,5 @@
-"""FSDP2: `fully_shard` on every decoder block (or on each of its linear layers, then the block), then the root;
-DCP sharded checkpoints."""
+"""FSDP2: `fully_shard` on every decoder block (or on each of its linear layers, then the block), on an untied
+embedding and head, then the root; DCP sharded checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -51,10 +51,20 @@ def linear_layers(block: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for _, module in found]
 
 
+def untied_ends(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input embedding and the output head, unless they share their weight (GPT-2, Llama-3.2): FSDP's root
+    unit stays gathered through the whole forward and backward, so a 128k-token vocabulary would keep both
+    matrices whole on every rank all step (2 GiB at Llama-3-8B's size in bf16); tied, they stay in the root."""
+    ends = [end for end in (model.get_input_embeddings(), model.get_output_embeddings()) if end is not None]
+    shared = len(ends) == 2 and {id(p) for p in ends[0].parameters()} & {id(p) for p in ends[1].parameters()}
+    return [] if shared else ends
+
+
 def apply_fsdp(model: torch.nn.Module, *, mesh: DeviceMesh, param_dtype: torch.dtype | None,
                reshard_after_forward: bool, cpu_offload: bool, shard_unit: str) -> None:
     """Shard each decoder block as its own unit (with shard_unit "linear", each of its linear layers first, so only
-    one linear layer's weights are gathered at a time), then the root (embeddings, norm, head)."""
+    one linear layer's weights are gathered at a time), the untied embedding and head each as one, then the root
+    (what is left: final norm, tied embeddings)."""
     kwargs = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               "reshard_after_forward": reshard_after_forward}
     if cpu_offload:
@@ -63,6 +73,8 @@ def apply_fsdp(model: torch.nn.Module, *, mesh: DeviceMesh, param_dtype: torch.d
         for linear in linear_layers(layer) if shard_unit == "linear" else []:
             fully_shard(linear, **kwargs)
         fully_shard(layer, **kwargs)
+    for end in untied_ends(model):
+        fully_shard(end, **kwargs)
     fully_shard(model, **kwargs)
 
 
