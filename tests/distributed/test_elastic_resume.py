@@ -63,7 +63,8 @@ def test_fsdp_checkpoint_resumes_with_another_shard_unit(runs_root):
     dist_tune("train", *args(runs_root, "units-straight", 2, 4, *lora), nproc=2)
     dist_tune("train", *args(runs_root, "units", 2, 2, *lora), nproc=2)
     proc = dist_tune("train", *args(runs_root, "units", 2, 4, *lora, "--engine.shard_unit=linear"), nproc=2)
-    assert "resumed from" in proc.stderr and "17 units (shard_unit linear)" in proc.stderr
+    # 2 blocks × (7 projections + the block), the untied embedding and head, the root
+    assert "resumed from" in proc.stderr and "19 units (shard_unit linear)" in proc.stderr
     straight, resumed = read_metrics(runs_root / "units-straight"), read_metrics(runs_root / "units")
     assert resumed.keys() == straight.keys() == {1, 2, 3, 4}
     for step in straight:
