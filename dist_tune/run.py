@@ -26,6 +26,7 @@ from dist_tune.trainer import Trainer, total_steps
 
 log = logging.getLogger(__name__)
 
+
 def default_run_name(cfg: Config) -> str:
     """Stable across requeues and elastic restarts (job or rendezvous id), unique otherwise."""
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
