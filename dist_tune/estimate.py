@@ -17,7 +17,10 @@ and prefix/prompt tuning in fp32 over any base dtype. `auto` precision is estima
 (config.resolve_precision), the device an estimate is for. Sharding (`shard_factors`): ZeRO-1 splits
 the optimizer state, ZeRO-2 also the grads, ZeRO-3 and FSDP everything; FSDP with engine.sync_each_batch=false and
 train.grad_accum > 1 keeps whole fp32 (reduce-dtype) gradients between micro-batches instead. What an offload
-option moves to the host is counted in `host_gib` instead.
+option moves to the host is counted in `host_gib` instead. A sharded engine also gathers weights whole for
+compute (`gathered_bytes`): FSDP its root unit and two neighbouring units at a time, ZeRO-3 up to
+stage3_max_live_parameters plus one module (and, with hpZ, its secondary in-group partition of the weights).
+HSDP (FSDP with engine.replicate_degree) shards within groups of world size / replicate_degree ranks.
 
 Host RAM per node (`HostMemory`), for loading the model and for the final save, is the process baseline
 (torch + transformers, PROCESS_GIB) plus what each process holds: loading, FSDP reads only its shard of the
@@ -85,25 +88,36 @@ class Estimate:
     optimizer_gib: float
     activations_gib: float
     logits_gib: float
+    gathered_gib: float = 0.0  # weights a sharded engine gathers whole for compute
     host_gib: float = 0.0  # model state an offload option keeps in host memory instead
     host: HostMemory | None = None
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.logits_gib
+        return (self.weights_gib + self.grads_gib + self.optimizer_gib + self.gathered_gib + self.activations_gib
+                + self.logits_gib)
 
 
-def count_from_config(cfg: Config) -> tuple[int, int, object]:
-    """(total, trainable) parameters of the configured model/peft, built on the meta device (no memory)."""
+def meta_model(cfg: Config) -> tuple[torch.nn.Module, object]:
+    """The configured model with its peft adapters, built on the meta device (no memory), and its config."""
     from dist_tune.models import auto_class
     from dist_tune.peft import apply_peft
 
     hf_cfg = architecture(cfg)
     with torch.device("meta"):
-        model = apply_peft(auto_class(cfg.model.task).from_config(hf_cfg), cfg)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable, hf_cfg
+        return apply_peft(auto_class(cfg.model.task).from_config(hf_cfg), cfg), hf_cfg
+
+
+def counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def count_from_config(cfg: Config) -> tuple[int, int, object]:
+    """(total, trainable) parameters of the configured model/peft, and its config."""
+    model, hf_cfg = meta_model(cfg)
+    return (*counts(model), hf_cfg)
 
 
 def architecture(cfg: Config):
@@ -188,6 +202,51 @@ def bytes_per_param(cfg: Config) -> BytesPerParam:
     return BytesPerParam(weights=weights, frozen=frozen, grads=weights, optimizer=optimizer)
 
 
+def fsdp_gathered(model: torch.nn.Module, shard_unit: str, reshard_after_forward: bool) -> int:
+    """Parameters FSDP2 holds gathered at its peak: the root's, plus two units next to each other in module order
+    (the next unit's all-gather overlaps this one's compute); every unit when none reshards after the forward."""
+    from dist_tune.engines.fsdp import shard_units
+
+    claimed: set[int] = set()
+    owned: dict[int, int] = {}
+    for unit in shard_units(model, shard_unit):  # inner units first: each owns what no inner unit took
+        params = [p for p in unit.parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in params)
+        owned[id(unit)] = sum(p.numel() for p in params)
+    root = sum(p.numel() for p in model.parameters() if id(p) not in claimed)
+    if not reshard_after_forward:
+        return root + sum(owned.values())
+    in_order = [owned[id(m)] for m in model.modules() if id(m) in owned]
+    return root + max((a + b for a, b in zip(in_order, in_order[1:])), default=sum(in_order))
+
+
+def zero3_gathered(model: torch.nn.Module, zero: dict) -> int:
+    """Parameters ZeRO-3 holds gathered at its peak: the persistent ones (stage3_param_persistence_threshold
+    elements or fewer) always, plus stage3_max_live_parameters fetched by whole modules, so one more module (at
+    worst the largest, such as the output head) can join them; at most the whole model."""
+    params = list(model.parameters())
+    persistent = sum(p.numel() for p in params if p.numel() <= int(zero["stage3_param_persistence_threshold"]))
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return min(sum(p.numel() for p in params), persistent + int(zero["stage3_max_live_parameters"]) + largest)
+
+
+def gathered_bytes(model: torch.nn.Module, hf_cfg, cfg: Config, world_size: int) -> float:
+    """Weights a sharded engine (FSDP, ZeRO-3) holds gathered for compute at its peak, in compute precision."""
+    from dist_tune.engines.deepspeed import ds_config
+
+    e = cfg.engine
+    if e.kind == "fsdp":
+        gathered = fsdp_gathered(model, e.shard_unit, e.reshard_after_forward)
+    elif e.kind == "deepspeed" and e.zero_stage == 3:
+        zero = ds_config(cfg, world_size, hf_cfg.hidden_size)["zero_optimization"]
+        hpz_copy = counts(model)[0] / zero.get("zero_hpz_partition_size", math.inf)  # hpZ's in-group partition
+        gathered = zero3_gathered(model, zero) + hpz_copy
+    else:
+        return 0.0
+    compute = WEIGHT_BYTES[e.mixed_precision] if e.mixed_precision != "fp32" else DTYPE_BYTES[cfg.model.dtype]
+    return gathered * compute
+
+
 def grads_unsharded_between_micro_batches(cfg: Config) -> bool:
     return cfg.engine.kind == "fsdp" and not cfg.engine.sync_each_batch and cfg.train.grad_accum > 1
 
@@ -207,14 +266,23 @@ def host_memory(cfg: Config, total: int, trainable: int, world_size: int, procs_
                       save_gib=procs_per_node * PROCESS_GIB + writers * save / GIB)
 
 
+def shard_world(cfg: Config, world_size: int) -> int:
+    """Ranks one copy of the model is sharded over: HSDP (FSDP with engine.replicate_degree) shards within groups."""
+    return world_size // cfg.engine.replicate_degree if cfg.engine.kind == "fsdp" else world_size
+
+
 def estimate(cfg: Config, world_size: int = 1, procs_per_node: int | None = None) -> Estimate:
     """Per-GPU memory at `world_size`, and host RAM per node with `procs_per_node` processes (default: all on one
     node, up to 8)."""
+    from dist_tune.engines import check_replicate_degree
+
+    check_replicate_degree(cfg, world_size)
     cfg = on_bf16_gpu(cfg)
-    total, trainable, hf_cfg = count_from_config(cfg)
+    model, hf_cfg = meta_model(cfg)
+    total, trainable = counts(model)
     precision = WEIGHT_BYTES[cfg.engine.mixed_precision]
     per = bytes_per_param(cfg)
-    w, g, o = shard_factors(cfg.engine.kind, cfg.engine.zero_stage, world_size)
+    w, g, o = shard_factors(cfg.engine.kind, cfg.engine.zero_stage, shard_world(cfg, world_size))
     grads = trainable * (FP32 if grads_unsharded_between_micro_batches(cfg) else per.grads * g)
     state = {"weights": (trainable * per.weights + (total - trainable) * per.frozen) * w,
              "grads": grads, "optimizer": trainable * per.optimizer * o}
@@ -224,14 +292,17 @@ def estimate(cfg: Config, world_size: int = 1, procs_per_node: int | None = None
     gpu = {k: 0.0 if on_host[k] else v / GIB for k, v in state.items()}
     acts, logits = activation_bytes(hf_cfg, cfg, precision)
     return Estimate(total, trainable, gpu["weights"], gpu["grads"], gpu["optimizer"], acts / GIB, logits / GIB,
+                    gathered_gib=gathered_bytes(model, hf_cfg, cfg, world_size) / GIB,
                     host_gib=sum(v for k, v in state.items() if on_host[k]) / GIB,
-                    host=host_memory(cfg, total, trainable, world_size, procs_per_node or min(world_size, 8)))
+                    host=host_memory(cfg, total, trainable, shard_world(cfg, world_size),
+                                     procs_per_node or min(world_size, 8)))
 
 
 def format_estimate(e: Estimate) -> str:
     rows = [("parameters", f"{e.params:,}"), ("trainable", f"{e.trainable:,}"),
             ("weights", f"{e.weights_gib:.3f} GiB"), ("gradients", f"{e.grads_gib:.3f} GiB"),
-            ("optimizer states", f"{e.optimizer_gib:.3f} GiB"), ("activations", f"{e.activations_gib:.3f} GiB"),
+            ("optimizer states", f"{e.optimizer_gib:.3f} GiB"), ("gathered weights", f"{e.gathered_gib:.3f} GiB"),
+            ("activations", f"{e.activations_gib:.3f} GiB"),
             ("logits (fp32 + grad)", f"{e.logits_gib:.3f} GiB"), ("total per GPU", f"{e.total_gib:.3f} GiB")]
     if e.host_gib:
         rows.append(("offloaded to host", f"{e.host_gib:.3f} GiB per process"))

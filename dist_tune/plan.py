@@ -110,8 +110,13 @@ def sharding(cfg: Config, world: int) -> str:
         split = "gradients and optimizer states" if stage == 2 else "optimizer states"
     else:
         return f"data-parallel {world}, engine {kind}: every rank holds the whole model"
-    return f"data-parallel {world}, engine {kind}{f' ZeRO-{stage}' if kind == 'deepspeed' else ''}: {split} " \
-           f"sharded over all {world} ranks"
+    replicas = cfg.engine.replicate_degree
+    engine = f"engine {kind}{f' ZeRO-{stage}' if kind == 'deepspeed' else ''}"
+    if replicas > 1 and kind == "fsdp":
+        return f"data-parallel {world}, {engine} (HSDP): {split} sharded within {replicas} groups of " \
+               f"{world // replicas} ranks and replicated across them"
+    hpz = f", the weights also within groups of {world // replicas} ranks (hpZ)" if replicas > 1 else ""
+    return f"data-parallel {world}, {engine}: {split} sharded over all {world} ranks{hpz}"
 
 
 def memory_lines(cfg: Config, where: Layout) -> list[tuple[str, str]]:
@@ -122,7 +127,7 @@ def memory_lines(cfg: Config, where: Layout) -> list[tuple[str, str]]:
     except UserError as exc:
         return [("memory per GPU", f"unknown: {exc}")]
     per_gpu = (f"{e.total_gib:.2f} GiB (weights {e.weights_gib:.2f}, gradients {e.grads_gib:.2f}, optimizer "
-               f"{e.optimizer_gib:.2f}, activations {e.activations_gib:.2f}, logits {e.logits_gib:.2f}; "
+               f"{e.optimizer_gib:.2f}, gathered {e.gathered_gib:.2f}, activations {e.activations_gib:.2f}, logits {e.logits_gib:.2f}; "
                "as on a bf16 GPU)")
     per_node = f"{where.per_node} × {e.total_gib:.2f} = {where.per_node * e.total_gib:.2f} GiB of GPU memory"
     if e.host_gib:

@@ -9,6 +9,12 @@ from dist_tune.engines.base import Engine
 from dist_tune.errors import UserError
 
 
+def check_replicate_degree(cfg: Config, world_size: int) -> None:
+    if world_size % cfg.engine.replicate_degree:
+        raise UserError(f"engine.replicate_degree={cfg.engine.replicate_degree} does not divide the world size "
+                        f"{world_size}; set it to a divisor, usually the number of nodes")
+
+
 def build_engine(cfg: Config, env: ClusterEnv, device: torch.device) -> Engine:
     kind = cfg.engine.kind
     if kind in ("ddp", "fsdp") and env.launcher == "single":
@@ -16,9 +22,7 @@ def build_engine(cfg: Config, env: ClusterEnv, device: torch.device) -> Engine:
                         "--nproc_per_node 1 is fine) or use engine.kind=single")
     if kind == "single" and env.world_size > 1:
         raise UserError(f"engine.kind=single cannot run in {env.world_size} processes; use ddp, fsdp or deepspeed")
-    if env.world_size % cfg.engine.replicate_degree:
-        raise UserError(f"engine.replicate_degree={cfg.engine.replicate_degree} does not divide the world size "
-                        f"{env.world_size}; set it to a divisor, usually the number of nodes")
+    check_replicate_degree(cfg, env.world_size)
     if kind == "single":
         from dist_tune.engines.single import SingleEngine
         return SingleEngine(cfg, env, device)

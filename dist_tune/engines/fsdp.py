@@ -60,6 +60,16 @@ def untied_ends(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [] if shared else ends
 
 
+def shard_units(model: torch.nn.Module, shard_unit: str) -> list[torch.nn.Module]:
+    """The modules apply_fsdp shards before the root, inner ones first: each decoder block (after its linear
+    layers, with shard_unit "linear"), then the untied ends."""
+    units: list[torch.nn.Module] = []
+    for layer in decoder_layers(model):
+        units += linear_layers(layer) if shard_unit == "linear" else []
+        units.append(layer)
+    return units + untied_ends(model)
+
+
 def apply_fsdp(model: torch.nn.Module, *, mesh: DeviceMesh, param_dtype: torch.dtype | None,
                reshard_after_forward: bool, cpu_offload: bool, shard_unit: str) -> None:
     """Shard each decoder block as its own unit (with shard_unit "linear", each of its linear layers first, so only
@@ -69,12 +79,8 @@ def apply_fsdp(model: torch.nn.Module, *, mesh: DeviceMesh, param_dtype: torch.d
               "reshard_after_forward": reshard_after_forward}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for layer in decoder_layers(model):
-        for linear in linear_layers(layer) if shard_unit == "linear" else []:
-            fully_shard(linear, **kwargs)
-        fully_shard(layer, **kwargs)
-    for end in untied_ends(model):
-        fully_shard(end, **kwargs)
+    for unit in shard_units(model, shard_unit):
+        fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
 
 

@@ -102,6 +102,20 @@ def test_torchrun_environment_gives_world_mesh_and_node_memory(tmp_path, capsys,
     assert rows["W&B"] == "online (WANDB_API_KEY is set), project dist_tune"
 
 
+@pytest.mark.parametrize("engine, mesh", [
+    (["--engine.kind=fsdp"], "data-parallel 8, engine fsdp (HSDP): weights, gradients and optimizer states sharded "
+                             "within 2 groups of 4 ranks and replicated across them"),
+    (["--engine.kind=deepspeed", "--engine.zero_stage=3"],
+     "data-parallel 8, engine deepspeed ZeRO-3: weights, gradients and optimizer states sharded over all 8 ranks, "
+     "the weights also within groups of 4 ranks (hpZ)"),
+])
+def test_hierarchical_sharding_is_planned_per_group(tmp_path, capsys, monkeypatch, engine, mesh):
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    rows = dry_run(tmp_path, capsys, "demo", *engine, "--engine.replicate_degree=2")
+    assert rows["mesh"] == mesh
+
+
 def test_other_ranks_print_nothing(tmp_path, capsys, monkeypatch):
     for key, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}.items():
         monkeypatch.setenv(key, value)

@@ -207,3 +207,46 @@ def test_estimate_memory_command_prints_host_ram_per_node(capsys):
     out = capsys.readouterr().out
     assert f"host RAM per node, load  {2 * (0.6 + 4 * TINY_N / 4 / GIB):.3f} GiB (2 processes)" in out
     assert f"host RAM per node, save  {2 * 0.6 + 4 * TINY_N / GIB:.3f} GiB (2 processes)" in out
+
+
+# tiny-llama's FSDP units in module order: embedding 1606·64 = 102784, two blocks of 46208, head 102784; the root
+# keeps the final norm (64). With shard_unit linear each block keeps only its 2 norms (128) and the largest linear
+# unit is an MLP projection (64·176 = 11264).
+@pytest.mark.parametrize("overrides, gathered", [
+    ({"engine.kind": "fsdp"}, 64 + 102784 + 46208),  # root + the embedding or head next to a block
+    ({"engine.kind": "fsdp", "engine.shard_unit": "linear"}, 64 + 11264 + 102784),  # down_proj, then the head
+    ({"engine.kind": "fsdp", "engine.reshard_after_forward": False}, TINY_N),  # every unit stays gathered
+    # ZeRO-3 (auto values at hidden 64): 5 norms of 64 persist (<= 640 elements), 24·64² live, + the head
+    ({"engine.kind": "deepspeed", "engine.zero_stage": 3}, 5 * 64 + 24 * 64 * 64 + 102784),
+    ({"engine.kind": "deepspeed", "engine.zero_stage": 3, "engine.shard_unit": "linear"},
+     5 * 64 + 3 * 64 * 64 + 102784),
+    ({"engine.kind": "deepspeed", "engine.zero_stage": 2}, 0),  # weights whole already: nothing gathered
+    ({"engine.kind": "ddp"}, 0),
+])
+def test_sharded_engines_add_the_weights_they_gather_for_compute(overrides, gathered):
+    e = estimate(cfg_for(**{"model.name_or_path": "tiny-llama", **overrides}), 2)
+    assert e.gathered_gib * GIB == 4 * gathered  # fp32
+    assert e.total_gib == pytest.approx(state_bytes(e) / GIB + e.gathered_gib + e.activations_gib + e.logits_gib)
+
+
+def test_fsdp_on_llama_3_8b_gathers_the_head_with_the_last_block_in_bf16():
+    block = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096 + L8B_LORA // 32  # with its adapters
+    head = 128256 * 4096
+    cfg = load_config(None, {"model.name_or_path": "meta-llama/Meta-Llama-3-8B", "engine.kind": "fsdp",
+                             "peft.method": "lora", "model.dtype": "bfloat16", "engine.mixed_precision": "bf16"})
+    assert estimate(cfg, 8).gathered_gib * GIB == 2 * (4096 + head + block)  # final norm + head + last block
+
+
+def test_hsdp_shards_within_groups_and_hpz_adds_its_in_group_copy():
+    """16 ranks, replicate_degree 2: HSDP holds what plain FSDP holds at 8 ranks (its shard group), reading an eighth
+    of the weights per process; ZeRO-3 keeps its 16-way partition and adds hpZ's 8-way bf16 copy of the weights."""
+    bf16 = {"model.name_or_path": "tiny-llama", "model.dtype": "bfloat16", "engine.mixed_precision": "bf16"}
+    hsdp = estimate(load_config(None, {**bf16, "engine.kind": "fsdp", "engine.replicate_degree": 2}), 16, 8)
+    fsdp8 = estimate(load_config(None, {**bf16, "engine.kind": "fsdp"}), 8, 8)
+    assert (hsdp.weights_gib, hsdp.grads_gib, hsdp.optimizer_gib, hsdp.gathered_gib, hsdp.host) == (
+        fsdp8.weights_gib, fsdp8.grads_gib, fsdp8.optimizer_gib, fsdp8.gathered_gib, fsdp8.host)
+    zero3 = {**bf16, "engine.kind": "deepspeed", "engine.zero_stage": 3}
+    hpz = estimate(load_config(None, {**zero3, "engine.replicate_degree": 2}), 16)
+    flat = estimate(load_config(None, zero3), 16)
+    assert hpz.weights_gib == flat.weights_gib
+    assert (hpz.gathered_gib - flat.gathered_gib) * GIB == pytest.approx(2 * TINY_N / 8)
