@@ -54,12 +54,14 @@ GPU = Profile(cuda=True, preset="llama-3.2-1b", big_preset="llama-3-8b", seq=204
               warmup=5, mixed_rows=1000, mixed_median=120, mixed_seq=1024, mixed_micro_batch=8, mixed_steps=20,
               memory_steps=4, budget_s=470,
               allowance_s={"environment": 60, "gpu_tests": 120, "throughput": 120, "engine_parity": 180,
-                           "padding_free": 150, "lora_memory": 150, "qlora_memory": 150, "generation": 60})
+                           "padding_free": 150, "lora_memory": 150, "sharded_lora_memory": 180, "qlora_memory": 150,
+                           "generation": 60})
 DRY = Profile(cuda=False, preset="tiny-llama", big_preset="tiny-llama", seq=128, micro_batch=4, steps=PARITY_STEPS,
               warmup=2, mixed_rows=200, mixed_median=40, mixed_seq=256, mixed_micro_batch=4, mixed_steps=6,
               memory_steps=3, budget_s=900,
               allowance_s={"environment": 60, "gpu_tests": 180, "throughput": 120, "engine_parity": 240,
-                           "padding_free": 180, "lora_memory": 120, "qlora_memory": 60, "generation": 60})
+                           "padding_free": 180, "lora_memory": 120, "sharded_lora_memory": 180, "qlora_memory": 60,
+                           "generation": 60})
 
 
 class StepError(Exception):
@@ -359,6 +361,21 @@ def lora_memory(c: Check) -> dict:
     return peak_summary(c, read_run(c.train("lora", c.memory_args(qlora=False)), 0), "LoRA")
 
 
+def sharded_lora_memory(c: Check) -> dict:
+    """The LoRA memory run under FSDP and ZeRO-3 at world size 1 (issue 13's record: sharded load, gathered units,
+    host RSS); an engine that fails is recorded with its error line and the other still runs."""
+    peaks: dict[str, dict] = {}
+    for name, engine in PARITY_ENGINES.items():
+        try:
+            peaks[name] = read_run(c.train(f"lora_{name}", c.memory_args(qlora=False) + engine, nproc=1), 0).peaks
+        except StepError as exc:
+            peaks[name] = {"error": key_line(str(exc))}
+    lines = [f"{name}: " + (p.get("error") or ", ".join(f"{k.removeprefix('train/')} {v:.2f}" for k, v in p.items()))
+             for name, p in peaks.items()]
+    return {"status": "failed" if any("error" in p for p in peaks.values()) else "ok", "peaks_gib": peaks,
+            "summary": f"LoRA on {c.profile.big_preset} shape, world size 1: " + "; ".join(lines) + " GiB"}
+
+
 def qlora_memory(c: Check) -> dict:
     if not c.profile.cuda:
         raise Skip("no CUDA")
@@ -381,7 +398,7 @@ def generation(c: Check) -> dict:
 
 STEPS = {"environment": environment, "gpu_tests": gpu_tests, "throughput": throughput,
          "engine_parity": engine_parity, "padding_free": padding_free, "lora_memory": lora_memory,
-         "qlora_memory": qlora_memory, "generation": generation}
+         "sharded_lora_memory": sharded_lora_memory, "qlora_memory": qlora_memory, "generation": generation}
 
 
 # --- report --------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 from helpers import ROOT, cli_env
 
 SCRIPT = ROOT / "benchmarks" / "gpu" / "check.sh"
-STEPS = ["environment", "gpu_tests", "throughput", "engine_parity", "padding_free", "lora_memory", "qlora_memory",
-         "generation"]
+STEPS = ["environment", "gpu_tests", "throughput", "engine_parity", "padding_free", "lora_memory",
+         "sharded_lora_memory", "qlora_memory", "generation"]
 
 
 def check(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -55,6 +55,8 @@ def test_dry_run_records_every_step_with_loss_parity(tmp_path):
     assert steps["padding_free"]["first_loss"]["padding_free"] == pytest.approx(
         steps["padding_free"]["first_loss"]["padded"], rel=1e-2)
     assert steps["lora_memory"]["peaks_gib"]
+    for engine in ("fsdp", "zero3"):
+        assert steps["sharded_lora_memory"]["peaks_gib"][engine]["train/peak_rss_gib"] > 0
     assert isinstance(steps["generation"]["text"], str)
     table = (tmp_path / "results.md").read_text().splitlines()
     assert "| step | status | result | s |" in table
