@@ -84,20 +84,22 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _two_node_run(tmp_path: Path, engine_args: list[str]) -> None:
+def _two_node_run(tmp_path: Path, engine_args: list[str], nproc: int = 1) -> str:
+    """The job's output, after checking that it ran one torchrun per node with `nproc` workers each and trained."""
     run_dir = tmp_path / "run"
     args = [*TINY, "--train.max_steps=6", f"--train.output_dir={tmp_path}", "--train.run_name=run", *engine_args]
     t0 = time.monotonic()
-    jid = submit(SLURM_DIR / "multi_node.sbatch", args, tmp_path, NPROC_PER_NODE="1")
+    jid = submit(SLURM_DIR / "multi_node.sbatch", args, tmp_path, NPROC_PER_NODE=str(nproc))
     info = wait_job(jid, tmp_path)
     out = assert_completed(info, tmp_path, jid)
     print(f"job {jid} {engine_args}: {time.monotonic() - t0:.1f}s")
-    # one torchrun per node, each with one worker -> world size 2 over node1 and node2
-    assert re.search(r"\[node 0 node1\] exec .*--nnodes=2 .*--nproc-per-node=1 ", out), out[-4000:]
+    # one torchrun per node, each with `nproc` workers -> world size 2 × nproc over node1 and node2
+    assert re.search(rf"\[node 0 node1\] exec .*--nnodes=2 .*--nproc-per-node={nproc} ", out), out[-4000:]
     assert re.search(r"\[node 1 node2\] exec .*--rdzv-backend=c10d ", out), out[-4000:]
     summary = read_summary(run_dir)
     assert summary["steps"] == 6
     assert math.isfinite(summary["final_train_loss"])
+    return out
 
 
 def test_multi_node_fsdp(slurm_cluster, tmp_path):
@@ -106,6 +108,13 @@ def test_multi_node_fsdp(slurm_cluster, tmp_path):
 
 def test_multi_node_deepspeed_zero3(slurm_cluster, tmp_path):
     _two_node_run(tmp_path, ["--engine.kind=deepspeed", "--engine.zero_stage=3"])
+
+
+def test_multi_node_hsdp_shards_within_each_node(slurm_cluster, tmp_path):
+    """The 70B recipe's layout at small scale: 2 nodes × 2 ranks with replicate_degree 2, so each node's torchrun
+    (ranks 0-1, ranks 2-3) holds one replica sharded over its 2 ranks."""
+    out = _two_node_run(tmp_path, ["--engine.kind=fsdp", "--engine.replicate_degree=2"], nproc=2)
+    assert "FSDP mesh {'replicate': 2, 'shard': 2}" in out, out[-4000:]
 
 
 def test_preemption_requeue_resumes_exactly(slurm_cluster, tmp_path):
