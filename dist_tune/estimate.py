@@ -114,12 +114,6 @@ def counts(model: torch.nn.Module) -> tuple[int, int]:
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def count_from_config(cfg: Config) -> tuple[int, int, object]:
-    """(total, trainable) parameters of the configured model/peft, and its config."""
-    model, hf_cfg = meta_model(cfg)
-    return (*counts(model), hf_cfg)
-
-
 def architecture(cfg: Config):
     """The transformers config of the configured model without its weights: the built-in shape of a KNOWN_SHAPES hub
     id (unless a local directory has that name), else what the run would build or load (preset, local directory)."""

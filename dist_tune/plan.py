@@ -127,8 +127,8 @@ def memory_lines(cfg: Config, where: Layout) -> list[tuple[str, str]]:
     except UserError as exc:
         return [("memory per GPU", f"unknown: {exc}")]
     per_gpu = (f"{e.total_gib:.2f} GiB (weights {e.weights_gib:.2f}, gradients {e.grads_gib:.2f}, optimizer "
-               f"{e.optimizer_gib:.2f}, gathered {e.gathered_gib:.2f}, activations {e.activations_gib:.2f}, logits {e.logits_gib:.2f}; "
-               "as on a bf16 GPU)")
+               f"{e.optimizer_gib:.2f}, gathered {e.gathered_gib:.2f}, activations {e.activations_gib:.2f}, "
+               f"logits {e.logits_gib:.2f}; as on a bf16 GPU)")
     per_node = f"{where.per_node} × {e.total_gib:.2f} = {where.per_node * e.total_gib:.2f} GiB of GPU memory"
     if e.host_gib:
         per_node += (f"; offloaded to host {where.per_node} × {e.host_gib:.2f} = {where.per_node * e.host_gib:.2f} "
