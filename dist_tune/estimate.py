@@ -214,14 +214,17 @@ def fsdp_gathered(model: torch.nn.Module, shard_unit: str, reshard_after_forward
     return root + max((a + b for a, b in zip(in_order, in_order[1:])), default=sum(in_order))
 
 
-def zero3_gathered(model: torch.nn.Module, zero: dict) -> int:
+def zero3_gathered(model: torch.nn.Module, zero: dict) -> float:
     """Parameters ZeRO-3 holds gathered at its peak: the persistent ones (stage3_param_persistence_threshold
     elements or fewer) always, plus stage3_max_live_parameters fetched by whole modules, so one more module (at
-    worst the largest, such as the output head) can join them; at most the whole model."""
+    worst the largest, such as the output head) can join them, at most the whole model; plus, with hpZ, its
+    secondary partition of the weights within each group."""
     params = list(model.parameters())
+    total = sum(p.numel() for p in params)
     persistent = sum(p.numel() for p in params if p.numel() <= int(zero["stage3_param_persistence_threshold"]))
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return min(sum(p.numel() for p in params), persistent + int(zero["stage3_max_live_parameters"]) + largest)
+    live = min(total, persistent + int(zero["stage3_max_live_parameters"]) + largest)
+    return live + total / zero.get("zero_hpz_partition_size", math.inf)
 
 
 def gathered_bytes(model: torch.nn.Module, hf_cfg, cfg: Config, world_size: int) -> float:
@@ -232,9 +235,7 @@ def gathered_bytes(model: torch.nn.Module, hf_cfg, cfg: Config, world_size: int)
     if e.kind == "fsdp":
         gathered = fsdp_gathered(model, e.shard_unit, e.reshard_after_forward)
     elif e.kind == "deepspeed" and e.zero_stage == 3:
-        zero = ds_config(cfg, world_size, hf_cfg.hidden_size)["zero_optimization"]
-        hpz_copy = counts(model)[0] / zero.get("zero_hpz_partition_size", math.inf)  # hpZ's in-group partition
-        gathered = zero3_gathered(model, zero) + hpz_copy
+        gathered = zero3_gathered(model, ds_config(cfg, world_size, hf_cfg.hidden_size)["zero_optimization"])
     else:
         return 0.0
     compute = WEIGHT_BYTES[e.mixed_precision] if e.mixed_precision != "fp32" else DTYPE_BYTES[cfg.model.dtype]

@@ -351,10 +351,14 @@ def padding_free(c: Check) -> dict:
                        f"({speedup:.2f}×), first loss {free.losses[0]:.4f} vs {padded.losses[0]:.4f}"}
 
 
+def peaks_text(peaks: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('train/')} {v:.2f}" for k, v in peaks.items()) or "no peak logged"
+
+
 def peak_summary(c: Check, run: Run, method: str) -> dict:
-    peaks = ", ".join(f"{k.removeprefix('train/')} {v:.2f}" for k, v in run.peaks.items()) or "no peak logged"
-    return {"peaks_gib": run.peaks, "summary": f"{method} on {c.profile.big_preset} shape, micro-batch 1, seq "
-                                               f"{c.profile.seq}, activation checkpointing: {peaks} GiB"}
+    return {"peaks_gib": run.peaks,
+            "summary": f"{method} on {c.profile.big_preset} shape, micro-batch 1, seq {c.profile.seq}, activation "
+                       f"checkpointing: {peaks_text(run.peaks)} GiB"}
 
 
 def lora_memory(c: Check) -> dict:
@@ -370,8 +374,7 @@ def sharded_lora_memory(c: Check) -> dict:
             peaks[name] = read_run(c.train(f"lora_{name}", c.memory_args(qlora=False) + engine, nproc=1), 0).peaks
         except StepError as exc:
             peaks[name] = {"error": key_line(str(exc))}
-    lines = [f"{name}: " + (p.get("error") or ", ".join(f"{k.removeprefix('train/')} {v:.2f}" for k, v in p.items()))
-             for name, p in peaks.items()]
+    lines = [f"{name}: {p.get('error') or peaks_text(p)}" for name, p in peaks.items()]
     return {"status": "failed" if any("error" in p for p in peaks.values()) else "ok", "peaks_gib": peaks,
             "summary": f"LoRA on {c.profile.big_preset} shape, world size 1: " + "; ".join(lines) + " GiB"}
 
