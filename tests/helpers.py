@@ -35,10 +35,20 @@ def cli_env(extra: dict | None = None) -> dict:
     return env
 
 
+def seeded(args: tuple[str, ...]) -> tuple[str, ...]:
+    """`train` args with --train.seed=$DT_TEST_SEED added when that is set and the args name no seed: reruns the
+    tests that assert a learned quality under other seeds (see README, "Tests")."""
+    seed = os.environ.get("DT_TEST_SEED")
+    if not seed or args[:1] != ("train",) or any(a.startswith("--train.seed=") for a in args):
+        return args
+    return (*args, f"--train.seed={seed}")
+
+
 def dist_tune(*args: str, nproc: int = 1, env: dict | None = None, timeout: int = 900,
               check: bool = True, torchrun_args: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess:
     """Run `dist-tune ARGS` (under torchrun when nproc > 1, with extra `torchrun_args` such as
     --max-restarts=1) and return the finished process."""
+    args = seeded(args)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *torchrun_args,
