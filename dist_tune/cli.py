@@ -1,10 +1,12 @@
-"""`dist-tune` command line (fire): train, eval, generate, export, merge-adapter, estimate-memory, show-config, report."""
+"""`dist-tune` command line (fire): train, prepare, eval, generate, export, merge-adapter, estimate-memory,
+show-config, report."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import fire
@@ -88,6 +90,17 @@ def train(config: str | None = None, *, dry_run: bool = False, **overrides) -> N
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, default=str))
 
 
+def prepare(config: str | None = None, **overrides) -> None:
+    """Tokenize (and pack) the data of CONFIG into data.cache_dir, with no model weights and no GPU: a CPU job
+    before the training job, which then memory-maps the result. Prints rows, tokens, dropped rows, padding, the
+    length distribution and the cache files; the last line is the same as JSON."""
+    from dist_tune.prepare import format_report, prepare_data
+
+    report = prepare_data(_config(config, overrides))
+    print(format_report(report))
+    print(json.dumps(report))
+
+
 def show_config(config: str | None = None, **overrides) -> None:
     """Print the resolved config (defaults + YAML + overrides) as YAML."""
     print(dump_config(_config(config, overrides)), end="")
@@ -140,7 +153,7 @@ def report(run_dir: str) -> None:
     print(run_report(Path(run_dir)))
 
 
-COMMANDS = {"train": train, "eval": eval, "generate": generate, "export": export, "merge-adapter": merge_adapter,
+COMMANDS = {"train": train, "prepare": prepare, "eval": eval, "generate": generate, "export": export, "merge-adapter": merge_adapter,
             "estimate-memory": estimate_memory, "show-config": show_config, "report": report}
 
 
@@ -153,7 +166,18 @@ def main(argv: list[str] | None = None) -> None:
         fire.Fire(COMMANDS, command=argv, name="dist-tune")
     except UserError as exc:
         print(f"dist-tune: error: {exc}", file=sys.stderr)
+        record_for_launcher(exc)
         sys.exit(2)
+
+
+def record_for_launcher(exc: UserError) -> None:
+    """Under torchrun, the error line also goes to the worker's error file (the format torch.distributed.elastic
+    writes), so the launcher's failure summary ends the job's output naming it rather than `error_file: <N/A>`."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        line = f"dist-tune: error: {exc}"
+        Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+            "py_callstack": line, "timestamp": str(int(time.time()))}}}))
 
 
 if __name__ == "__main__":

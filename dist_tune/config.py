@@ -78,6 +78,7 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = False
     cache_dir: str | None = None
+    num_proc: int | None = None
     sources: list[SourceConfig] = field(default_factory=list)
 
 
@@ -370,6 +371,7 @@ def validate(cfg: Config) -> Config:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.data.max_length >= 8, "data.max_length must be >= 8"),
         (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split must be in [0, 1)"),
+        (cfg.data.num_proc is None or cfg.data.num_proc >= 1, "data.num_proc must be >= 1 or null (the CPUs available)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1 or null"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.eval.generate_samples >= 0, "eval.generate_samples must be >= 0 (0 turns generation metrics off)"),

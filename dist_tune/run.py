@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, hf_save, host_heap, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config
-from dist_tune.data import build_datasets, build_loader
+from dist_tune.data import build_datasets, build_loader, cache_dir, prepare_once
 from dist_tune.engines import build_engine
 from dist_tune.engines.base import Engine
 from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer, model_config,
@@ -158,7 +158,7 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
     settle_padding_free(cfg, tokenizer)
-    train_set, val_set = rank0_first(engine, lambda: build_datasets(cfg, tokenizer))
+    train_set, val_set = prepare_once(env, cache_dir(cfg), lambda: build_datasets(cfg, tokenizer))
     loader, _ = build_loader(train_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=True,
                              seed=cfg.train.seed)
     steps = total_steps(cfg, steps_per_epoch(len(loader), cfg.train.grad_accum))

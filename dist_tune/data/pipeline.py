@@ -1,4 +1,5 @@
-"""build_datasets: load, check, split, tokenize (cached by a deterministic fingerprint) and pack."""
+"""build_datasets: load, check, split, tokenize (data.num_proc processes) and pack into Arrow files in the cache
+directory, keyed by a deterministic fingerprint; a finished preparation is memory-mapped, never redone."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,12 +7,14 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from dist_tune.config import Config, data_formats
-from dist_tune.data import chat
+from dist_tune.data import chat, prepared
 from dist_tune.data.formats import (ENCODERS, check_fields, encode_labels, label_names, output_features,
                                     prompt_templates)
 from dist_tune.data.mixture import Mixture, describe, mix, source_config
@@ -21,7 +24,8 @@ from dist_tune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-LOADER_FIELDS = ("num_workers", "pin_memory", "cache_dir")
+UNPREPARED_FIELDS = ("num_workers", "pin_memory", "cache_dir", "num_proc", "padding_free")  # how rows are read, not which
+ROWS_PER_PROCESS = 2000  # fewer rows per tokenizing process cost more to start than they save
 
 
 def _source_identity(path: str, raw: datasets.Dataset) -> list:
@@ -48,7 +52,7 @@ def _code_hash() -> str:
 
 
 def _fingerprint(cfg: Config, tokenizer, role: str, names: list[str] | None, sources: dict[str, list]) -> str:
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in LOADER_FIELDS}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in UNPREPARED_FIELDS}
     key = {
         "role": role, "data": data, "task": cfg.model.task, "names": names, "seed": cfg.train.seed, **sources,
         "tokenizer": _tokenizer_hash(tokenizer), "code": _code_hash(),
@@ -56,7 +60,15 @@ def _fingerprint(cfg: Config, tokenizer, role: str, names: list[str] | None, sou
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _cache_dir(cfg: Config) -> Path:
+def num_proc(cfg: Config, rows: int) -> int | None:
+    """Tokenizing processes: data.num_proc (default the CPUs this process may use), at most one per
+    ROWS_PER_PROCESS rows; None for one (datasets would start a pool of one worker for num_proc=1)."""
+    available = cfg.data.num_proc or len(os.sched_getaffinity(0))
+    procs = min(available, rows // ROWS_PER_PROCESS)
+    return procs if procs > 1 else None
+
+
+def cache_dir(cfg: Config) -> Path:
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "dist_tune"
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -87,51 +99,69 @@ def _prepare(raw: datasets.Dataset, cfg: Config, names: list[str] | None, source
 
 
 def _split(raw: datasets.Dataset, cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The rows `train_test_split(test_size=n_val, seed=train.seed)` picks, as index mappings over the
+    memory-mapped records rather than copies of them."""
     n_val = max(1, round(len(raw) * cfg.data.validation_split))
     if n_val >= len(raw):
         raise DataError(f"'{cfg.data.path}' has {len(raw)} rows, too few to hold out data.validation_split="
                         f"{cfg.data.validation_split}; set data.validation_split=0 or data.validation_path")
-    parts = raw.train_test_split(test_size=n_val, seed=cfg.train.seed, shuffle=True, keep_in_memory=True)
-    return parts["train"], parts["test"]
+    order = np.random.default_rng(cfg.train.seed).permutation(len(raw))
+    return raw.select(order[n_val:]), raw.select(order[:n_val])
 
 
 def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: list[str] | None,
-              source: str, sources: dict[str, list]) -> datasets.Dataset:
-    fingerprint = _fingerprint(cfg, tokenizer, role, names, sources)
+              source: str, fingerprint: str) -> datasets.Dataset:
+    """Tokenized (and packed) rows in the cache directory, with a manifest of their statistics."""
+    cache = cache_dir(cfg)
     encode = functools.partial(ENCODERS[cfg.data.format], tokenizer=tokenizer, cfg=cfg)
     if cfg.data.format == "chat":
         encode = functools.partial(encode, source=source)
     encoded = raw.map(
         encode,
         batched=True, remove_columns=raw.column_names, features=output_features(cfg, names),
-        cache_file_name=str(_cache_dir(cfg) / f"{role}-{fingerprint}.arrow"), new_fingerprint=fingerprint,
-        load_from_cache_file=True, desc=f"Tokenizing {role} data",
+        cache_file_name=str(cache / f"{role}-{fingerprint}.arrow"), new_fingerprint=fingerprint,
+        load_from_cache_file=True, num_proc=num_proc(cfg, len(raw)), desc=f"Tokenizing {role} data",
     )
     if len(encoded) == 0:
         raise DataError(f"{role} data from '{source}' has no usable rows after tokenization (every response cut "
                         f"off at data.max_length={cfg.data.max_length}, or empty texts); raise data.max_length "
                         "or fix the data")
+    stats = prepared.example_stats(encoded, len(raw), cfg.data.max_length)
     if cfg.data.pack:
-        return pack(encoded, cfg.data.max_length, split_examples=cfg.data.format == "text")
+        encoded = pack(encoded, cfg.data.max_length, split_examples=cfg.data.format == "text",
+                       path=cache / f"{role}-{fingerprint}-packed.arrow")
+    prepared.save(cache, role, fingerprint, encoded,
+                  {**stats, **prepared.row_stats(encoded, stats["tokens"], cfg.data.max_length)})
+    log.info("%s data from '%s': prepared %s rows (%s tokens) into %s", role, source, f"{len(encoded):,}",
+             f"{stats['tokens']:,}", cache)
     return encoded
 
 
 def _build(cfg: Config, tokenizer, train_raw: datasets.Dataset, names: list[str] | None,
            key: str = "data") -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Train and validation rows of the one source cfg.data names, its train records already loaded."""
+    """Train and validation rows of the one source cfg.data names, its train records already loaded: those of an
+    earlier preparation with the same fingerprints, else prepared now."""
     data = cfg.data
     sources = {"path": _source_identity(data.path, train_raw), "validation_path": None}
-    train_raw = _prepare(train_raw, cfg, names, data.path)
     val_raw, val_source = None, data.path
     if data.validation_path:
         val_source = data.validation_path
         val_raw = _load(cfg, val_source, f"{key}.validation_path", "validation")
         sources["validation_path"] = _source_identity(val_source, val_raw)
+    roles = ("train", "validation") if data.validation_path or data.validation_split > 0 else ("train",)
+    fingerprints = {role: _fingerprint(cfg, tokenizer, role, names, sources) for role in roles}
+    done = {role: prepared.load(cache_dir(cfg), role, fp) for role, fp in fingerprints.items()}
+    if all(rows is not None for rows in done.values()):
+        log.info("data from '%s': %s, prepared earlier, memory-mapped from %s", data.path,
+                 ", ".join(f"{len(rows):,} {role} rows" for role, rows in done.items()), cache_dir(cfg))
+        return done["train"], done.get("validation")
+    train_raw = _prepare(train_raw, cfg, names, data.path)
+    if val_raw is not None:
         val_raw = _prepare(val_raw, cfg, names, val_source)
     elif data.validation_split > 0:
         train_raw, val_raw = _split(train_raw, cfg)
-    train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path, sources)
-    val = (_tokenize(val_raw, cfg, tokenizer, "validation", names, val_source, sources)
+    train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path, fingerprints["train"])
+    val = (_tokenize(val_raw, cfg, tokenizer, "validation", names, val_source, fingerprints["validation"])
            if val_raw is not None else None)
     return train, val
 

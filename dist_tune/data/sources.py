@@ -1,14 +1,14 @@
-"""Read records from a local source or the Hugging Face Hub into an in-memory or memory-mapped
-`datasets.Dataset`."""
+"""Read records from a local source or the Hugging Face Hub into a memory-mapped `datasets.Dataset`: no source is
+ever held as Python objects or as an in-memory table of the whole file."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -41,24 +41,15 @@ def _first_line(exc: Exception) -> str:
     return next(iter(str(exc).splitlines()), type(exc).__name__)
 
 
-def _table_from_rows(rows: list[dict], path: Path) -> pa.Table:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    try:
-        return pa.table({col: [row.get(col) for row in rows] for col in columns})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DataError(f"data file '{path}' mixes value types within a column ({_first_line(exc)}); "
-                        "give every row the same type per field") from None
-
-
-def _check_row(row: object, path: Path, where: str) -> dict:
+def _check_row(row: object, path: Path, where: str) -> None:
     if not isinstance(row, dict):
         raise DataError(f"data file '{path}' {where} is a {type(row).__name__}, not a JSON object; "
                         "make every record a {\"field\": value} object")
-    return row
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _check_jsonl(path: Path) -> int:
+    """The first bad line of a JSON-lines file as a DataError, read one line at a time; else its record count."""
+    records = 0
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -68,52 +59,99 @@ def _read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"data file '{path}' line {number} is not valid JSON: {exc.msg} at column "
                                 f"{exc.colno}; fix or remove that line") from None
-            rows.append(_check_row(row, path, f"line {number}"))
-    return rows
+            _check_row(row, path, f"line {number}")
+            records += 1
+    return records
 
 
-def _read_json(path: Path) -> list[dict]:
-    """A `.json` file holds either a JSON array of objects or one object per line."""
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
-        return _read_jsonl(path)
+def _check_json(path: Path) -> int:
+    """The first problem of a `.json` file (a JSON array of objects, or else one object per line), else its
+    record count."""
+    with path.open(encoding="utf-8") as handle:
+        head = handle.read(4096).lstrip()
+    if not head.startswith("["):
+        return _check_jsonl(path)
     try:
-        rows = json.loads(text)
+        rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"data file '{path}' line {exc.lineno} is not valid JSON: {exc.msg} at column "
                         f"{exc.colno}; fix the syntax") from None
     if not isinstance(rows, list):
         raise DataError(f"data file '{path}' holds a {type(rows).__name__}, not a list of records; "
                         "write a JSON array of objects or one object per line")
-    return [_check_row(row, path, f"item {i}") for i, row in enumerate(rows)]
+    for i, row in enumerate(rows):
+        _check_row(row, path, f"item {i}")
+    return len(rows)
 
 
-READERS = {
-    ".jsonl": lambda path: _table_from_rows(_read_jsonl(path), path),
-    ".json": lambda path: _table_from_rows(_read_json(path), path),
-    ".parquet": pq.read_table,
-    ".csv": pa_csv.read_csv,
-}
+# Each local file type is read by the datasets library's own builder (Arrow-native, written once to an Arrow cache
+# file and memory-mapped); the checks run only when a builder fails, to name the line and the fix.
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CHECKS = {".jsonl": _check_jsonl, ".json": _check_json}
+QUIET_BELOW = 64 * 2**20
+BUILDER_OPTIONS = {".csv": {"keep_default_na": False}}  # an empty text cell is "", not a missing value
 
 
-def _read_file(path: Path, key: str) -> pa.Table:
+def _mixed_types(dataset: datasets.Dataset) -> str | None:
+    """A column the JSON builder could only store as JSON values (its rows hold values of different types)."""
+    return next((name for name, feature in dataset.features.items() if isinstance(feature, datasets.Json)), None)
+
+
+def _read_file(path: Path, key: str, cache_dir: str | None = None) -> datasets.Dataset:
     suffix = path.suffix.lower()
-    if suffix not in READERS:
+    if suffix not in BUILDERS:
         raise DataError(f"data file '{path}' has an unsupported type '{suffix}'; set {key} to {SOURCES_HINT}")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
     try:
-        return READERS[suffix](path)
-    except (UnicodeDecodeError, pa.ArrowInvalid) as exc:
-        raise DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {_first_line(exc)}; "
+        with _builder_quietly(path.stat().st_size):
+            dataset = datasets.load_dataset(BUILDERS[suffix], data_files=[str(path)], split="train",
+                                            cache_dir=cache_dir, **BUILDER_OPTIONS.get(suffix, {}))
+    except Exception as exc:  # noqa: BLE001 - the builders raise many kinds; each becomes one line
+        if CHECKS.get(suffix, lambda _: None)(path) == 0:
+            raise DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset") from None
+        cause = exc.__cause__ or exc
+        raise DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {_first_line(cause)}; "
                         f"fix the file or set {key} to another source") from None
+    column = _mixed_types(dataset)
+    if column is not None:
+        raise DataError(f"data file '{path}' mixes value types within column '{column}'; "
+                        "give every row the same type per field")
+    return dataset
+
+
+@contextlib.contextmanager
+def _builder_quietly(size: int):
+    """The builder's own error log off (a failure becomes one DataError line), and its 'Generating train split'
+    bar too for a file under QUIET_BELOW bytes; a larger one shows it (a long read)."""
+    library_log = logging.getLogger("datasets")
+    level, bars = library_log.level, datasets.utils.logging.is_progress_bar_enabled()
+    library_log.setLevel(logging.CRITICAL)
+    if size < QUIET_BELOW:
+        datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        library_log.setLevel(level)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def _shards(path: Path) -> list[Path]:
     """The directory's data files (any depth, hidden entries skipped) in sorted order."""
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
-def _read_shards(path: Path, key: str) -> datasets.Dataset:
+def _with_columns(dataset: datasets.Dataset, schema: pa.Schema) -> datasets.Dataset:
+    """dataset with every column of `schema`, missing ones as nulls, in the schema's order."""
+    for field in schema:
+        if field.name not in dataset.column_names:
+            dataset = dataset.add_column(field.name, pa.nulls(len(dataset), field.type))
+    return dataset.select_columns(schema.names)
+
+
+def _read_shards(path: Path, key: str, cache_dir: str | None) -> datasets.Dataset:
     shards = _shards(path)
     if not shards:
         raise DataError(f"directory '{path}' holds no .jsonl/.json/.parquet/.csv shards and is not a datasets "
@@ -122,19 +160,20 @@ def _read_shards(path: Path, key: str) -> datasets.Dataset:
     if len(kinds) > 1:
         raise DataError(f"directory '{path}' mixes {' and '.join(kinds)} files; keep one kind of shard per "
                         f"directory or set {key} to one file")
-    tables = [_read_file(shard, key) for shard in shards]
-    for shard, table in zip(shards[1:], tables[1:]):
+    parts = [_read_file(shard, key, cache_dir) for shard in shards]
+    schema = parts[0].data.schema
+    for shard, part in zip(shards[1:], parts[1:]):
         try:
-            pa.unify_schemas([tables[0].schema, table.schema])
+            schema = pa.unify_schemas([schema, part.data.schema])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise DataError(f"shard '{shard}' does not match the columns of '{shards[0]}' ({_first_line(exc)}); "
                             "give every shard the same fields and types") from None
-    return datasets.Dataset(pa.concat_tables(tables, promote_options="default"))
+    return datasets.concatenate_datasets([_with_columns(part, schema) for part in parts])
 
 
-def _read_dir(path: Path, split: str | None, key: str) -> datasets.Dataset:
+def _read_dir(path: Path, split: str | None, key: str, cache_dir: str | None) -> datasets.Dataset:
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        return _read_shards(path, key)
+        return _read_shards(path, key, cache_dir)
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.Dataset):
         return loaded
@@ -183,14 +222,15 @@ def load_records(path: str, *, key: str = "data.path", split: str | None = None,
                  data_files: list[str] | None = None, cache_dir: str | None = None) -> datasets.Dataset:
     """Load raw records from `path` (see SOURCES_HINT); `key` names the config key in errors. `split` picks the
     split of an `hf:` dataset (default train) or of a saved DatasetDict that holds several; `config`,
-    `data_files` and `cache_dir` go to `datasets.load_dataset` for `hf:` sources."""
+    `data_files` go to `datasets.load_dataset` for `hf:` sources; `cache_dir` holds the Arrow files of every
+    source (None: the datasets library's cache)."""
     if path.startswith(HUB):
         dataset = _load_hub(path[len(HUB):], key=key, config=config, split=split or "train", data_files=data_files,
                             cache_dir=cache_dir)
     else:
         resolved = resolve_path(path, key)
-        dataset = _read_dir(resolved, split, key) if resolved.is_dir() else datasets.Dataset(
-            _read_file(resolved, key))
+        dataset = (_read_dir(resolved, split, key, cache_dir) if resolved.is_dir()
+                   else _read_file(resolved, key, cache_dir))
     if len(dataset) == 0:
         raise DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
     return dataset

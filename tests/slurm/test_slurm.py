@@ -41,9 +41,10 @@ def job_env(**extra: str) -> dict[str, str]:
 SMALL_NODES = ["--cpus-per-task=1", "--oversubscribe"]
 
 
-def submit(script: Path, args: list[str], out_dir: Path, *, nodes: int = 2, **env: str) -> str:
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", *SMALL_NODES, f"--output={out_dir}/%x-%j.out", str(script),
-           *args]
+def submit(script: Path, args: list[str], out_dir: Path, *, nodes: int = 2, sbatch_args: tuple[str, ...] = (),
+           **env: str) -> str:
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", *SMALL_NODES, *sbatch_args, f"--output={out_dir}/%x-%j.out",
+           str(script), *args]
     res = subprocess.run(cmd, cwd=REPO, env=job_env(**env), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, f"{' '.join(cmd)} failed: {res.stderr}"
     return res.stdout.strip().split(";")[0]
@@ -110,11 +111,37 @@ def test_multi_node_deepspeed_zero3(slurm_cluster, tmp_path):
     _two_node_run(tmp_path, ["--engine.kind=deepspeed", "--engine.zero_stage=3"])
 
 
-def test_multi_node_hsdp_shards_within_each_node(slurm_cluster, tmp_path):
+def test_multi_node_hsdp_shards_within_each_node_and_prepares_the_data_once(slurm_cluster, tmp_path):
     """The 70B recipe's layout at small scale: 2 nodes × 2 ranks with replicate_degree 2, so each node's torchrun
-    (ranks 0-1, ranks 2-3) holds one replica sharded over its 2 ranks."""
-    out = _two_node_run(tmp_path, ["--engine.kind=fsdp", "--engine.replicate_degree=2"], nproc=2)
+    (ranks 0-1, ranks 2-3) holds one replica sharded over its 2 ranks. The nodes share the data cache directory,
+    so rank 0 alone tokenizes; the 3 other ranks memory-map its files."""
+    out = _two_node_run(tmp_path, ["--engine.kind=fsdp", "--engine.replicate_degree=2",
+                                   f"--data.cache_dir={tmp_path / 'cache'}"], nproc=2)
     assert "FSDP mesh {'replicate': 2, 'shard': 2}" in out, out[-4000:]
+    prepared = [line for line in out.splitlines() if "data from 'bundled:instructions': prepared " in line]
+    assert len(prepared) == 2 and all("[rank 0]" in line for line in prepared), prepared  # train and validation
+    assert "[rank 0] this rank prepares the data for the job (every rank sees the cache directory" in out
+    reused = [line for line in out.splitlines() if "using the data rank 0 prepared in" in line]
+    assert sorted(line.split("[rank ")[1][0] for line in reused) == ["1", "2", "3"], reused
+
+
+def test_prepare_job_then_a_dependent_training_job_that_reuses_its_data(slurm_cluster, tmp_path):
+    """README's chain: slurm/prepare.sbatch on a CPU node, then the training job with --dependency=afterok: no rank
+    of the training job tokenizes."""
+    data = [f"--data.cache_dir={tmp_path / 'cache'}", "--data.path=bundled:text", "--data.format=text",
+            "--data.pack=true", "--data.max_length=64"]
+    prep = submit(SLURM_DIR / "prepare.sbatch", [*TINY, *data], tmp_path, nodes=1, sbatch_args=("--mem=0",))
+    args = [*TINY, *data, "--engine.kind=ddp", "--train.max_steps=2", f"--train.output_dir={tmp_path}",
+            "--train.run_name=run"]
+    train = submit(SLURM_DIR / "multi_node.sbatch", args, tmp_path, sbatch_args=(f"--dependency=afterok:{prep}",),
+                   NPROC_PER_NODE="1")
+    report = json.loads(assert_completed(wait_job(prep, tmp_path), tmp_path, prep).strip().splitlines()[-1])
+    out = assert_completed(wait_job(train, tmp_path), tmp_path, train)
+    assert report["train_tokens"] > 0 and report["train_rows"] == math.ceil(report["train_tokens"] / 64)
+    assert "data from 'bundled:text': prepared " not in out and "Tokenizing" not in out, out[-4000:]
+    assert "[rank 0] data from 'bundled:text': " in out and "prepared earlier, memory-mapped from" in out
+    assert "[rank 1] using the data rank 0 prepared in" in out, out[-4000:]
+    assert read_summary(tmp_path / "run")["steps"] == 2
 
 
 def test_preemption_requeue_resumes_exactly(slurm_cluster, tmp_path):

@@ -333,3 +333,49 @@ def test_packed_rows_match_separate_examples_in_a_model(tmp_path, tok):
         first = model(**{k: v for k, v in collate([unpacked[0]]).items() if k != "labels"}).logits[0]
         second = model(**{k: v for k, v in collate([unpacked[1]]).items() if k != "labels"}).logits[0]
     assert torch.allclose(joint, torch.cat([first, second]), atol=1e-5)
+
+
+def _pack_in_memory(rows: list[list[int]], max_length: int, split_examples: bool) -> list[dict]:
+    """The packing every rank did in memory before packing streamed: the reference the streamed rows must equal."""
+    flat = [t for row in rows for t in row]
+    example_starts, offset = set(), 0
+    for row in rows:
+        example_starts.add(offset)
+        offset += len(row)
+    if split_examples:
+        row_starts = list(range(0, len(flat), max_length))
+    else:
+        row_starts, fill, offset = [], max_length, 0
+        for row in rows:
+            if fill + len(row) > max_length:
+                row_starts.append(offset)
+                fill = 0
+            fill += len(row)
+            offset += len(row)
+    packed = []
+    for start, end in zip(row_starts, row_starts[1:] + [len(flat)]):
+        positions, segment = [], start
+        for i in range(start, end):
+            segment = i if i in example_starts else segment
+            positions.append(i - segment)
+        packed.append({"input_ids": flat[start:end], "labels": [-t for t in flat[start:end]],
+                       "position_ids": positions})
+    return packed
+
+
+@pytest.mark.parametrize("split_examples", [True, False], ids=["text", "instruction"])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 50, 1 << 22])
+def test_streamed_packing_equals_packing_in_memory(tmp_path, monkeypatch, split_examples, chunk_tokens):
+    from dist_tune.data import packing
+
+    monkeypatch.setattr(packing, "CHUNK_TOKENS", chunk_tokens)
+    generator = torch.Generator().manual_seed(chunk_tokens)
+    max_length = 16
+    limit = 40 if split_examples else max_length  # instruction examples are truncated to max_length
+    rows = [list(range(1 + i * 100, 1 + i * 100 + int(n))) for i, n in
+            enumerate(torch.randint(1, limit + 1, (60,), generator=generator))]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [[-t for t in row] for row in rows]})
+    packed = packing.pack(dataset, max_length, split_examples=split_examples, path=tmp_path / "packed.arrow")
+    assert packed.cache_files == [{"filename": str(tmp_path / "packed.arrow")}]  # memory-mapped from the file
+    assert packed.to_list() == _pack_in_memory(rows, max_length, split_examples)
+    assert not list(tmp_path.glob("*.tmp"))
