@@ -44,6 +44,13 @@ def seeded(args: tuple[str, ...]) -> tuple[str, ...]:
     return (*args, f"--train.seed={seed}")
 
 
+def seed_overrides() -> dict:
+    """{"train.seed": $DT_TEST_SEED} when that is set: a model a test builds in-process to compare with a CLI
+    run's (its random init) then has the run's seed."""
+    seed = os.environ.get("DT_TEST_SEED")
+    return {"train.seed": int(seed)} if seed else {}
+
+
 def dist_tune(*args: str, nproc: int = 1, env: dict | None = None, timeout: int = 900,
               check: bool = True, torchrun_args: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess:
     """Run `dist-tune ARGS` (under torchrun when nproc > 1, with extra `torchrun_args` such as

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import TINY, dist_tune, read_metrics
+from helpers import TINY, dist_tune, read_metrics, seed_overrides
 from dist_tune.config import load_config
 from dist_tune.models import load_model, load_tokenizer
 
@@ -43,7 +43,7 @@ def common(root, name):
 def load_exported(path):
     """A plain transformers model, or the tiny base model + the exported peft adapter."""
     if (path / "adapter_config.json").is_file():
-        cfg = load_config(None, {"model.name_or_path": "tiny-llama"})
+        cfg = load_config(None, {"model.name_or_path": "tiny-llama", **seed_overrides()})
         return PeftModel.from_pretrained(load_model(cfg, load_tokenizer(cfg)), path).eval()
     return AutoModelForCausalLM.from_pretrained(path).eval()
 

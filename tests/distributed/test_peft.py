@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import TINY, dist_tune, read_metrics
+from helpers import TINY, dist_tune, read_metrics, seed_overrides
 from dist_tune.config import load_config
 from dist_tune.models import load_model, load_tokenizer
 
@@ -28,7 +28,7 @@ def run_args(root, name, method, *extra):
 
 
 def base_model():
-    cfg = load_config(None, {"model.name_or_path": "tiny-llama"})
+    cfg = load_config(None, {"model.name_or_path": "tiny-llama", **seed_overrides()})
     return load_model(cfg, load_tokenizer(cfg)).eval()
 
 
