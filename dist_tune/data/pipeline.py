@@ -24,7 +24,8 @@ from dist_tune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-UNPREPARED_FIELDS = ("num_workers", "pin_memory", "cache_dir", "num_proc", "padding_free")  # how rows are read, not which
+# data settings that change how prepared rows are read or made, not which rows: outside the fingerprint
+UNPREPARED_FIELDS = ("num_workers", "pin_memory", "cache_dir", "num_proc", "padding_free")
 ROWS_PER_PROCESS = 2000  # fewer rows per tokenizing process cost more to start than they save
 
 
@@ -155,14 +156,19 @@ def _build(cfg: Config, tokenizer, train_raw: datasets.Dataset, names: list[str]
         log.info("data from '%s': %s, prepared earlier, memory-mapped from %s", data.path,
                  ", ".join(f"{len(rows):,} {role} rows" for role, rows in done.items()), cache_dir(cfg))
         return done["train"], done.get("validation")
-    train_raw = _prepare(train_raw, cfg, names, data.path)
-    if val_raw is not None:
-        val_raw = _prepare(val_raw, cfg, names, val_source)
-    elif data.validation_split > 0:
-        train_raw, val_raw = _split(train_raw, cfg)
-    train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path, fingerprints["train"])
-    val = (_tokenize(val_raw, cfg, tokenizer, "validation", names, val_source, fingerprints["validation"])
-           if val_raw is not None else None)
+    try:
+        train_raw = _prepare(train_raw, cfg, names, data.path)
+        if val_raw is not None:
+            val_raw = _prepare(val_raw, cfg, names, val_source)
+        elif data.validation_split > 0:
+            train_raw, val_raw = _split(train_raw, cfg)
+        train = _tokenize(train_raw, cfg, tokenizer, "train", names, data.path, fingerprints["train"])
+        val = (_tokenize(val_raw, cfg, tokenizer, "validation", names, val_source, fingerprints["validation"])
+               if val_raw is not None else None)
+    except UnicodeDecodeError as exc:  # the Arrow readers keep bytes as they are; decoding them finds it
+        named = " or ".join(dict.fromkeys(f"'{p}'" for p in (data.path, val_source)))
+        raise DataError(f"data file {named} is not UTF-8 text ({exc.reason}: byte {exc.object[exc.start]:#x}); "
+                        "re-encode it as UTF-8") from None
     return train, val
 
 

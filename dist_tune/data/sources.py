@@ -76,9 +76,6 @@ def _check_json(path: Path) -> int:
     except json.JSONDecodeError as exc:
         raise DataError(f"data file '{path}' line {exc.lineno} is not valid JSON: {exc.msg} at column "
                         f"{exc.colno}; fix the syntax") from None
-    if not isinstance(rows, list):
-        raise DataError(f"data file '{path}' holds a {type(rows).__name__}, not a list of records; "
-                        "write a JSON array of objects or one object per line")
     for i, row in enumerate(rows):
         _check_row(row, path, f"item {i}")
     return len(rows)
@@ -90,6 +87,20 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 CHECKS = {".jsonl": _check_jsonl, ".json": _check_json}
 QUIET_BELOW = 64 * 2**20
 BUILDER_OPTIONS = {".csv": {"keep_default_na": False}}  # an empty text cell is "", not a missing value
+
+
+def _explained(path: Path, key: str, exc: Exception) -> DataError:
+    """The one-line error for a file its builder could not read: the bad line or item the checks find, else
+    the builder's own first line."""
+    suffix = path.suffix.lower()
+    try:
+        records = CHECKS.get(suffix, lambda _: None)(path)
+    except UnicodeDecodeError as undecodable:
+        records, exc = None, undecodable
+    if records == 0:
+        return DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
+    return DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {_first_line(exc.__cause__ or exc)}; "
+                     f"fix the file or set {key} to another source")
 
 
 def _mixed_types(dataset: datasets.Dataset) -> str | None:
@@ -108,11 +119,7 @@ def _read_file(path: Path, key: str, cache_dir: str | None = None) -> datasets.D
             dataset = datasets.load_dataset(BUILDERS[suffix], data_files=[str(path)], split="train",
                                             cache_dir=cache_dir, **BUILDER_OPTIONS.get(suffix, {}))
     except Exception as exc:  # noqa: BLE001 - the builders raise many kinds; each becomes one line
-        if CHECKS.get(suffix, lambda _: None)(path) == 0:
-            raise DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset") from None
-        cause = exc.__cause__ or exc
-        raise DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {_first_line(cause)}; "
-                        f"fix the file or set {key} to another source") from None
+        raise _explained(path, key, exc) from None
     column = _mixed_types(dataset)
     if column is not None:
         raise DataError(f"data file '{path}' mixes value types within column '{column}'; "

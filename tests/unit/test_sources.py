@@ -128,3 +128,27 @@ def test_shard_directory_errors(tmp_path):
     write_shard(tmp_path / "clash/b.jsonl", [{"text": 1}])
     with pytest.raises(DataError, match=r"shard '.*clash/b\.jsonl' does not match the columns of '.*clash/a\.jsonl'"):
         load_records(str(tmp_path / "clash"))
+
+
+def test_local_files_are_memory_mapped_arrow_and_their_errors_name_the_fix(tmp_path):
+    write_shard(tmp_path / "ok.jsonl", [{"text": "a"}, {"text": "b"}])
+    records = load_records(str(tmp_path / "ok.jsonl"), cache_dir=str(tmp_path / "cache"))
+    assert records["text"][:] == ["a", "b"]
+    assert [Path(f["filename"]).is_relative_to(tmp_path / "cache") for f in records.cache_files] == [True]
+    cases = {
+        "mixed.jsonl": ('{"text": "a"}\n{"text": 3}\n', r"mixes value types within column 'text'; give every row"),
+        "item.json": ('[{"text": "a"}, 3]', r"item 1 is a int, not a JSON object"),
+        "broken.parquet": ("PAR1 not really parquet", r"cannot be read as parquet: .*; fix the file or set data.path"),
+        "blank.jsonl": ("\n\n", r"has no rows; set data.path to a non-empty dataset"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"^data file '.*{name}' .*{message}") as raised:
+            load_records(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+        assert "\n" not in str(raised.value)
+
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9 au lait"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"^data file '.*latin1\.jsonl' is not UTF-8 text \(invalid continuation "
+                                        r"byte: byte 0xe9\); re-encode it as UTF-8$"):
+        build_datasets(cfg_for(tmp_path, str(tmp_path / "latin1.jsonl"), "text"),
+                       AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))
