@@ -22,7 +22,7 @@ ADAPTER_KEYS = {"lora": "lora_", "dora": "lora_magnitude_vector", "ia3": "ia3_",
 
 
 def run_args(root, name, method, *extra):
-    return [*TINY, f"--peft.method={method}", f"--train.max_steps={STEPS}", f"--train.eval_steps={STEPS}",
+    return [*TINY, f"--peft.method={method}", f"--train.max_steps={STEPS}", f"--train.eval_steps={STEPS // 2}",
             "--train.eval_max_batches=null", f"--optim.lr={LR[method]}", "--log.log_steps=1", f"--train.output_dir={root}",
             f"--train.run_name={name}", *extra]
 
@@ -52,8 +52,11 @@ def test_method_trains_saves_complete_adapter_and_reloads(method, engine, runs_r
     run_dir = runs_root / name
     losses = read_metrics(run_dir)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    first, last = [losses[s] for s in (1, 2, 3)], [losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)]
-    assert sum(last) < sum(first), losses
+    # the held-out loss falls between the two evals (same rows: ratio 0.993-0.998 over seeds 1, 2, 3 and 42 for
+    # every method); the last 3 steps' train loss against the first 3's was other batches: prompt tuning's reached
+    # 0.999 at seed 3
+    evals = read_metrics(run_dir, "eval/loss")
+    assert evals[STEPS] < evals[STEPS // 2], evals
     assert "trainable of" in proc.stderr
     check_adapter_dir(run_dir / "final", method)
     model = PeftModel.from_pretrained(base_model(), run_dir / "final")  # plain peft loads it

@@ -22,10 +22,10 @@ def finished_run(runs_root):
 
 def test_training_learns_and_writes_a_complete_run_dir(finished_run):
     run_dir, proc = finished_run
-    losses = read_metrics(run_dir)
-    assert losses[30] < 0.7 * losses[1], losses
-    evals = read_metrics(run_dir, "eval/loss")
-    assert set(evals) == {15, 30} and evals[30] < evals[15]
+    losses, evals = read_metrics(run_dir), read_metrics(run_dir, "eval/loss")
+    # the held-out loss, not one 4-row batch's (that was 0.40-0.63 of the first loss at step 30 over seeds 1, 2
+    # and 42, noisy): the held-out loss is 0.48-0.57 of it
+    assert set(evals) == {15, 30} and evals[30] < 0.7 * losses[1] and evals[30] < evals[15], (losses, evals)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 30 and summary["stopped"] == "completed"
     (load_peak,), (peak,) = summary["load_peak_host_rss_gib_per_rank"], summary["peak_host_rss_gib_per_rank"]
