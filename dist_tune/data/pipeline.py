@@ -127,9 +127,10 @@ def _tokenize(raw: datasets.Dataset, cfg: Config, tokenizer, role: str, names: l
         raise DataError(f"{role} data from '{source}' has no usable rows after tokenization (every response cut "
                         f"off at data.max_length={cfg.data.max_length}, or empty texts); raise data.max_length "
                         "or fix the data")
-    stats = prepared.example_stats(encoded, len(raw), cfg.data.max_length)
+    split_examples = cfg.data.pack and cfg.data.format == "text"
+    stats = prepared.example_stats(encoded, len(raw), None if split_examples else cfg.data.max_length)
     if cfg.data.pack:
-        encoded = pack(encoded, cfg.data.max_length, split_examples=cfg.data.format == "text",
+        encoded = pack(encoded, cfg.data.max_length, split_examples=split_examples,
                        path=cache / f"{role}-{fingerprint}-packed.arrow")
     prepared.save(cache, role, fingerprint, encoded,
                   {**stats, **prepared.row_stats(encoded, stats["tokens"], cfg.data.max_length)})

@@ -49,13 +49,14 @@ def _lengths(dataset: datasets.Dataset) -> np.ndarray:
     return pc.list_value_length(dataset.data.column("input_ids")).to_numpy().astype(np.int64)
 
 
-def example_stats(encoded: datasets.Dataset, records: int, max_length: int) -> dict:
-    """Examples, tokens, dropped records, examples at max_length (truncated or exactly full) and the length
-    distribution of tokenized examples, before any packing."""
+def example_stats(encoded: datasets.Dataset, records: int, max_length: int | None) -> dict:
+    """Examples, tokens, dropped records, examples at max_length (truncated or exactly full; None: examples are
+    never cut, as packed text is split across rows) and the length distribution of tokenized examples, before
+    any packing."""
     lengths = _lengths(encoded)
     p50, p90, p99 = (int(v) for v in np.percentile(lengths, [50, 90, 99], method="nearest"))
     return {"records": records, "examples": len(lengths), "dropped": records - len(lengths),
-            "tokens": int(lengths.sum()), "at_max_length": int((lengths >= max_length).sum()),
+            "tokens": int(lengths.sum()), "at_max_length": int((lengths >= max_length).sum()) if max_length else 0,
             "length_p50": p50, "length_p90": p90, "length_p99": p99, "length_max": int(lengths.max())}
 
 

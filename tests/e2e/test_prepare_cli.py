@@ -16,6 +16,7 @@ def test_prepare_reports_the_packed_corpus_and_training_reuses_it_on_every_rank(
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["train_records"] + report["validation_records"] == 2000  # bundled:text, 5 % held out
     assert report["train_dropped"] == 0 and report["train_examples"] == report["train_records"]
+    assert report["train_at_max_length"] == 0 and report["train_length_max"] > 64  # packed text is split, not cut
     assert report["train_rows"] == -(-report["train_tokens"] // 64)  # fixed 64-token blocks, the last one partial
     assert report["train_length_p50"] <= report["train_length_p90"] <= report["train_length_p99"] \
         <= report["train_length_max"]
