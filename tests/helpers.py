@@ -37,7 +37,7 @@ def cli_env(extra: dict | None = None) -> dict:
 
 def seeded(args: tuple[str, ...]) -> tuple[str, ...]:
     """`train` args with --train.seed=$DT_TEST_SEED added when that is set and the args name no seed: reruns the
-    tests that assert a learned quality under other seeds (see README, "Tests")."""
+    tests that assert a learned quality under other seeds (see README, "Set up")."""
     seed = os.environ.get("DT_TEST_SEED")
     if not seed or args[:1] != ("train",) or any(a.startswith("--train.seed=") for a in args):
         return args
