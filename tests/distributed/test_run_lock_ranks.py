@@ -21,5 +21,6 @@ def test_every_rank_stops_with_the_holder_named_when_the_run_dir_is_locked(tmp_p
                      "--train.run_name=run", nproc=2, check=False, timeout=300)
     assert proc.returncode != 0
     line = f"dist-tune: error: run dir {run_dir} is in use by another run (pid {os.getpid()} on {holder['host']})"
-    assert proc.stderr.count(line) == 2, proc.stderr[-4000:]   # rank 0 and rank 1
+    assert sum(text.startswith(line) for text in proc.stderr.splitlines()) == 2, proc.stderr[-4000:]  # both ranks
+    assert f"traceback : {line}" in proc.stderr  # and torchrun's failure summary, from the ranks' error files
     assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME]
