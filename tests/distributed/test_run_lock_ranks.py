@@ -21,6 +21,8 @@ def test_every_rank_stops_with_the_holder_named_when_the_run_dir_is_locked(tmp_p
                      "--train.run_name=run", nproc=2, check=False, timeout=300)
     assert proc.returncode != 0
     line = f"dist-tune: error: run dir {run_dir} is in use by another run (pid {os.getpid()} on {holder['host']})"
-    assert sum(text.startswith(line) for text in proc.stderr.splitlines()) == 2, proc.stderr[-4000:]  # both ranks
+    # rank 0 and rank 1 (unless torchrun stops rank 1 first, on rank 0's exit), and nothing else
+    errors = [text for text in proc.stderr.splitlines() if text.startswith("dist-tune: error:")]
+    assert len(errors) in (1, 2) and all(text.startswith(line) for text in errors), proc.stderr[-4000:]
     assert f"traceback : {line}" in proc.stderr  # and torchrun's failure summary, from the ranks' error files
     assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME]
