@@ -152,10 +152,11 @@ def _build(cfg: Config, tokenizer, train_raw: datasets.Dataset, names: list[str]
         sources["validation_path"] = _source_identity(val_source, val_raw)
     roles = ("train", "validation") if data.validation_path or data.validation_split > 0 else ("train",)
     fingerprints = {role: _fingerprint(cfg, tokenizer, role, names, sources) for role in roles}
-    done = {role: prepared.load(cache_dir(cfg), role, fp) for role, fp in fingerprints.items()}
+    cache = cache_dir(cfg)
+    done = {role: prepared.load(cache, role, fp) for role, fp in fingerprints.items()}
     if all(rows is not None for rows in done.values()):
         log.info("data from '%s': %s, prepared earlier, memory-mapped from %s", data.path,
-                 ", ".join(f"{len(rows):,} {role} rows" for role, rows in done.items()), cache_dir(cfg))
+                 ", ".join(f"{len(rows):,} {role} rows" for role, rows in done.items()), cache)
         return done["train"], done.get("validation")
     try:
         train_raw = _prepare(train_raw, cfg, names, data.path)

@@ -37,6 +37,10 @@ def resolve_path(path: str, key: str = "data.path") -> Path:
     return resolved
 
 
+def _no_rows(path: Path | str, key: str) -> DataError:
+    return DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
+
+
 def _first_line(exc: Exception) -> str:
     return next(iter(str(exc).splitlines()), type(exc).__name__)
 
@@ -98,7 +102,7 @@ def _explained(path: Path, key: str, exc: Exception) -> DataError:
     except UnicodeDecodeError as undecodable:
         records, exc = None, undecodable
     if records == 0:
-        return DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
+        return _no_rows(path, key)
     return DataError(f"data file '{path}' cannot be read as {suffix[1:]}: {_first_line(exc.__cause__ or exc)}; "
                      f"fix the file or set {key} to another source")
 
@@ -112,10 +116,11 @@ def _read_file(path: Path, key: str, cache_dir: str | None = None) -> datasets.D
     suffix = path.suffix.lower()
     if suffix not in BUILDERS:
         raise DataError(f"data file '{path}' has an unsupported type '{suffix}'; set {key} to {SOURCES_HINT}")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
+    size = path.stat().st_size
+    if size == 0:
+        raise _no_rows(path, key)
     try:
-        with _builder_quietly(path.stat().st_size):
+        with _builder_quietly(size):
             dataset = datasets.load_dataset(BUILDERS[suffix], data_files=[str(path)], split="train",
                                             cache_dir=cache_dir, **BUILDER_OPTIONS.get(suffix, {}))
     except Exception as exc:  # noqa: BLE001 - the builders raise many kinds; each becomes one line
@@ -239,5 +244,5 @@ def load_records(path: str, *, key: str = "data.path", split: str | None = None,
         dataset = (_read_dir(resolved, split, key, cache_dir) if resolved.is_dir()
                    else _read_file(resolved, key, cache_dir))
     if len(dataset) == 0:
-        raise DataError(f"data file '{path}' has no rows; set {key} to a non-empty dataset")
+        raise _no_rows(path, key)
     return dataset
