@@ -52,14 +52,14 @@ from throughput_vs_hf import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH, SEED, LOSS_RTOL = 1024, 42, 1e-4
-BASELINE = {"data.padding_free": False, "train.target_logits_only": False}
+BASELINE = {"data.padding_free": False, "train.target_logits_only": False, "train.chunked_loss": False}
 VARIANTS = {
     "baseline": {},
     "target_logits_only": {"train.target_logits_only": True},
     "padding_free": {"data.padding_free": True},
     "padding_free+target_logits": {"data.padding_free": True, "train.target_logits_only": True},
     "pack": {"data.pack": True},
-    "ce_chunk_tokens": {"train.ce_chunk_tokens": 1024},
+    "ce_chunk_tokens": {"train.chunked_loss": True, "train.ce_chunk_tokens": 1024},
     "activation_checkpointing": {"engine.activation_checkpointing": True},
     "compile": {"engine.compile": True},
     "eager_attention": {"model.attn_implementation": "eager"},

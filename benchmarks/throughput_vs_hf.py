@@ -25,6 +25,11 @@ Systems, each run as its own subprocess (`--worker SYSTEM`), one after another i
            micro-batch of 8 rows holds several times more examples, so compare tokens/s, not steps/s.
   dt_default  dist_tune with its defaults for the data path (data.padding_free=auto, train.target_logits_only=true):
            what a user gets without setting any speed switch.
+  dt_whole_logits  dt_default with `train.chunked_loss=false`: the model's whole logits, then the loss (the
+           default computes the LM head and loss chunk by chunk of target positions; at this vocabulary one
+           chunk holds a whole micro-batch).
+  dt_chunk_256  dt_default with `train.ce_chunk_tokens=256`: the head and loss really run in chunks, each
+           chunk's logits recomputed in backward (what a 128k vocabulary gets by default).
   dt_flat  dist_tune with `data.padding_free=true` (and `train.target_logits_only=true`): the same micro-batches
            as dt, concatenated without padding (dist_tune's counterpart of hf_flat).
 
@@ -61,17 +66,21 @@ from pathlib import Path
 from common import cpu_model, git_commit, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_pack", "dt_default")
+SYSTEMS = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_pack", "dt_default", "dt_whole_logits",
+           "dt_chunk_256")
 LABELS = {"hf": "HF transformers.Trainer (pad to longest)",
           "hf_flat": "HF Trainer + DataCollatorWithFlattening (padding-free)",
           "dt_all_logits": "dist_tune (pad to longest, train.target_logits_only=false)",
           "dt": "dist_tune (pad to longest)", "dt_flat": "dist_tune data.padding_free=true",
-          "dt_pack": "dist_tune data.pack=true (packed rows)", "dt_default": "dist_tune defaults"}
+          "dt_pack": "dist_tune data.pack=true (packed rows)", "dt_default": "dist_tune defaults",
+          "dt_whole_logits": "dist_tune defaults, train.chunked_loss=false",
+          "dt_chunk_256": "dist_tune defaults, train.ce_chunk_tokens=256"}
 DT_OVERRIDES = {"dt": {"data.padding_free": False},
                 "dt_all_logits": {"train.target_logits_only": False, "data.padding_free": False},
                 "dt_pack": {"data.pack": True}, "dt_flat": {"data.padding_free": True, "train.target_logits_only": True},
-                "dt_default": {}}
-SAME_BATCHES = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_default")  # systems fed the same examples per step
+                "dt_default": {}, "dt_whole_logits": {"train.chunked_loss": False},
+                "dt_chunk_256": {"train.ce_chunk_tokens": 256}}
+SAME_BATCHES = ("hf", "hf_flat", "dt_all_logits", "dt", "dt_flat", "dt_default", "dt_whole_logits", "dt_chunk_256")  # systems fed the same examples per step
 DEFAULT_MAX_LENGTH = {"mixed": 1024, "bundled": 256}
 BUNDLED = "bundled:instructions"
 MIXED_SEED = 0

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dist_tune.errors import UserError
+from dist_tune.host_heap import returning_large_frees
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     engine.barrier()
-    engine.save(tmp)
+    with returning_large_frees():
+        engine.save(tmp)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     engine.barrier()
     if rank == 0:

@@ -145,6 +145,7 @@ class TrainConfig:
     run_name: str | None = None
     device: str = "auto"
     resume: str = "auto"
+    chunked_loss: bool = True
     ce_chunk_tokens: int = 0
     target_logits_only: bool = True
     nan_policy: str = "skip"
@@ -368,6 +369,7 @@ def validate(cfg: Config) -> Config:
     checks = [
         (cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.train.ce_chunk_tokens >= 0, "train.ce_chunk_tokens must be >= 0 (0: sized from the vocabulary)"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.data.max_length >= 8, "data.max_length must be >= 8"),
         (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split must be in [0, 1)"),
@@ -507,6 +509,21 @@ def shards_parameters(cfg: Config) -> bool:
 def flattened(cfg: Config) -> bool:
     """Micro-batches are one padding-free row: data.padding_free, or packed rows (data.pack)."""
     return cfg.model.task == "causal_lm" and (padding_free(cfg) or cfg.data.pack)
+
+
+LOGITS_CHUNK_BYTES = 128 * 2**20
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # applied after the head
+
+
+def loss_chunk_positions(cfg: Config, hf_config) -> int:
+    """Positions per chunk of the LM head and loss (train.chunked_loss): train.ce_chunk_tokens, or as many as
+    make LOGITS_CHUNK_BYTES of fp32 logits; 0 where the loss needs the model's whole logits (another task, or a
+    model that transforms its logits after the head)."""
+    if cfg.model.task != "causal_lm" or not cfg.train.chunked_loss:
+        return 0
+    if any(getattr(hf_config, name, None) for name in LOGIT_TRANSFORMS):
+        return 0
+    return cfg.train.ce_chunk_tokens or max(1, LOGITS_CHUNK_BYTES // (4 * hf_config.vocab_size))
 
 
 def uses_target_logits(cfg: Config) -> bool:

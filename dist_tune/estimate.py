@@ -43,7 +43,7 @@ import torch
 from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import AutoConfig
 
-from dist_tune.config import FP32_ADAPTER_METHODS, Config, resolve_precision, shards_parameters
+from dist_tune.config import FP32_ADAPTER_METHODS, Config, loss_chunk_positions, resolve_precision, shards_parameters
 from dist_tune.models import load_tokenizer, model_config
 
 GIB = 1024 ** 3
@@ -142,7 +142,8 @@ def shard_factors(kind: str, stage: int, world: int) -> tuple[float, float, floa
 
 def activation_bytes(hf_cfg, cfg: Config, precision_bytes: int) -> tuple[float, float]:
     """(activations, logits) bytes for one micro-batch: ~34·s·b·h per layer (attention scores not stored,
-    SDPA/flash) or 2·s·b·h per layer plus one live layer with checkpointing; fp32 logits and their gradient."""
+    SDPA/flash) or 2·s·b·h per layer plus one live layer with checkpointing; fp32 logits and their gradient, for
+    one chunk of positions when the head and loss are chunked (train.chunked_loss), else for the micro-batch."""
     b, s = cfg.train.micro_batch_size, cfg.data.max_length
     h, layers = hf_cfg.hidden_size, hf_cfg.num_hidden_layers
     per_layer = 34 * s * b * h * precision_bytes / 2
@@ -151,7 +152,8 @@ def activation_bytes(hf_cfg, cfg: Config, precision_bytes: int) -> tuple[float, 
     else:
         acts = layers * per_layer
     vocab = getattr(hf_cfg, "vocab_size", 0) if cfg.model.task == "causal_lm" else hf_cfg.num_labels
-    return acts, 2 * 4 * b * s * vocab
+    positions = min(b * s, loss_chunk_positions(cfg, hf_cfg) or b * s)
+    return acts, 2 * 4 * positions * vocab
 
 
 def optimizer_states(cfg: Config) -> int:

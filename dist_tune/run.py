@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, hf_save, host_heap, metrics, preemption, process_group, run_lock
-from dist_tune.config import Config, dump_config
+from dist_tune.config import Config, dump_config, shards_parameters
 from dist_tune.data import build_datasets, build_loader, cache_dir, prepare_once
 from dist_tune.engines import build_engine
 from dist_tune.engines.base import Engine
@@ -181,7 +181,6 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
 def train(cfg: Config) -> dict[str, Any]:
     """Train per the config in this process (one rank of the job); returns the run summary."""
     preemption.capture_early_signal()
-    host_heap.return_large_frees_to_the_os()
     env = cluster.detect()
     device = process_group.select_device(cfg.train.device, env)
     process_group.init_distributed(env, device, process_group.backend_for(device, cfg.engine.cpu_offload),
@@ -190,13 +189,16 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         run_dir = resolve_run_dir(cfg)
         with run_lock.hold(run_dir, env):
-            trainer = build_trainer(cfg, env, device, run_dir)
+            with host_heap.returning_large_frees():
+                trainer = build_trainer(cfg, env, device, run_dir)
             load_peak = metrics.peak_host_rss_per_rank()
+            host_heap.use_for_steps(shards_parameters(cfg) and device.type == "cpu")
             summary = trainer.train()
             summary.update(trainer.engine.local_state_bytes())
             summary["flops_formula"] = flops_formula(cfg)
             if cfg.checkpoint.save_final and summary["stopped"] != "preempted":
-                export_final(trainer.engine, trainer.tokenizer, run_dir / "final")
+                with host_heap.returning_large_frees():
+                    export_final(trainer.engine, trainer.tokenizer, run_dir / "final")
             summary["load_peak_host_rss_gib_per_rank"] = load_peak
             summary["peak_host_rss_gib_per_rank"] = metrics.peak_host_rss_per_rank()
             summary["run_dir"] = str(run_dir)

@@ -23,7 +23,8 @@ from dist_tune.plan import steps_per_epoch
 from dist_tune.generation import generation_eval, write_generations
 from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
 from dist_tune.preemption import PreemptionHandler
-from dist_tune.loss import IGNORE, causal_lm_loss_sum, classification_loss_sum, shifted_labels
+from dist_tune.loss import (IGNORE, aligned_targets, causal_lm_loss_sum, chunked_head_loss, classification_loss_sum,
+                            shifted_labels)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,22 @@ def sequence_count(batch: dict[str, torch.Tensor]) -> int:
     return int(((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum())
 
 
-def loss_sum(output: Any, batch: dict[str, torch.Tensor], causal: bool,
-             chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(engine: Engine, batch: dict[str, torch.Tensor]) -> Any:
+    """The model's output on a micro-batch; where the head computes the loss in chunks (loss.ChunkedHeadLoss),
+    its `logits` are the summed cross-entropy of the batch's targets."""
+    head = chunked_head_loss(engine.unwrap()) if "labels" in batch else None
+    if head is None:
+        return engine.forward(model_inputs(batch))
+    with head.computing(aligned_targets(batch["labels"], batch.get("position_ids"), batch.get("logits_to_keep"))):
+        return engine.forward(model_inputs(batch))
+
+
+def loss_sum(output: Any, batch: dict[str, torch.Tensor], causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, number of targets) of a micro-batch's output."""
+    if causal and output.logits.dim() == 0:  # the head already reduced it (see forward)
+        return output.logits, torch.tensor(target_count(batch, causal), device=output.logits.device)
     if causal:
-        return causal_lm_loss_sum(output.logits, batch["labels"], batch.get("position_ids"), chunk,
+        return causal_lm_loss_sum(output.logits, batch["labels"], batch.get("position_ids"),
                                   batch.get("logits_to_keep"))
     return classification_loss_sum(output.logits, batch["labels"])
 
@@ -140,8 +153,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, device)
             with engine.no_sync(i == len(micro_batches) - 1):
-                output = engine.forward(model_inputs(batch))
-                summed, _ = loss_sum(output, batch, self.causal, self.cfg.train.ce_chunk_tokens)
+                summed, _ = loss_sum(forward(engine, batch), batch, self.causal)
                 engine.backward(summed / max(global_targets, 1.0))
             total += summed.detach().double()
         loss = float(engine.all_reduce_sum(total)) / max(global_targets, 1.0)
@@ -309,11 +321,11 @@ def evaluate(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any) -> Evalu
         batch = next(batches, None)
         if batch is None:  # this rank ran out: a filler forward keeps sharded engines' collectives in step
             filler = filler if filler is not None else first_batch(cfg, val_set, tokenizer, engine.device)
-            engine.forward(model_inputs(filler))
+            forward(engine, filler)
             continue
         batch = to_device(batch, engine.device)
         filler = filler if filler is not None else batch
-        tally.add(engine.forward(model_inputs(batch)), batch, causal)
+        tally.add(forward(engine, batch), batch, causal)
     generated, generations = generation_eval(cfg, engine, val_set, tokenizer)
     engine.model.train()
     metrics, confusion = tally.result(engine)

@@ -1,10 +1,13 @@
 """Model transforms shared by engines, applied as functions (torchtitan style)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from dist_tune.config import Config, shards_parameters
+from dist_tune.config import Config, loss_chunk_positions, shards_parameters
 from dist_tune.host_heap import release_after_each_block
+from dist_tune.loss import ChunkedHeadLoss, liger_loss
 from dist_tune.models import decoder_layers
 
 
@@ -21,7 +24,29 @@ def apply_compile(model: torch.nn.Module) -> None:
         layer.compile()
 
 
+log = logging.getLogger(__name__)
+
+
+def apply_chunked_loss(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    """The LM head and its loss computed chunk by chunk of target positions (loss.ChunkedHeadLoss; Liger's fused
+    kernel where it applies), or say why the whole micro-batch's logits are built."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    chunk = loss_chunk_positions(cfg, model.config) if head is not None else 0
+    if not chunk:
+        if cfg.model.task == "causal_lm":
+            log.info("loss: logits of the whole micro-batch (train.chunked_loss=%s)", cfg.train.chunked_loss)
+        return
+    fused = liger_loss(head, device)
+    ChunkedHeadLoss(head, chunk, fused)
+    if fused is not None:
+        log.info("loss: Liger's fused linear cross-entropy (LM head and loss in one kernel, chunked)")
+    else:
+        log.info("loss: LM head and cross-entropy in chunks of %d target positions (%.0f MiB of fp32 logits each)",
+                 chunk, chunk * model.config.vocab_size * 4 / 2**20)
+
+
 def apply_common(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+    apply_chunked_loss(model, cfg, device)
     if device.type == "cpu" and shards_parameters(cfg):
         release_after_each_block(decoder_layers(model))
     if cfg.engine.activation_checkpointing:

@@ -1,6 +1,7 @@
 """Parity of every engine with single-device training (2 gloo ranks, fp32), resume after a SIGKILL,
 per-rank memory of sharded engines, and exports that reload in plain transformers. The engines run the default
-padding-free rows, the single-device reference padded rows, so parity also shows the two give the same training."""
+padding-free rows and the LM head and loss in chunks of 16 positions, the single-device reference padded rows and
+the whole logits, so parity also shows the two give the same training."""
 from __future__ import annotations
 
 import json
@@ -58,7 +59,7 @@ def reference(runs_root, method):
     """Single device, micro-batch 8 of padded rows: the same 16 sequences per step as 2 ranks × micro-batch 4."""
     name = f"single-{method}"
     dist_tune("train", *common(runs_root, name), *METHODS[method], "--train.micro_batch_size=8",
-              "--data.padding_free=false")
+              "--data.padding_free=false", "--train.chunked_loss=false")
     return runs_root / name
 
 
@@ -66,7 +67,7 @@ def reference(runs_root, method):
 def engine_run(request, runs_root, method):
     """Each engine on 2 ranks, SIGKILLed after step 6 (last checkpoint: step 4), then resumed to the end."""
     name = f"{request.param}-{method}"
-    args = [*common(runs_root, name), *ENGINES[request.param], *METHODS[method]]
+    args = [*common(runs_root, name), *ENGINES[request.param], *METHODS[method], "--train.ce_chunk_tokens=16"]
     killed = dist_tune("train", *args, nproc=2, env={"DIST_TUNE_KILL_AT_STEP": str(KILL)}, check=False)
     assert killed.returncode != 0
     assert read_metrics(runs_root / name).keys() == set(range(1, KILL + 1))
@@ -94,6 +95,42 @@ def test_padded_rows_on_parallel_engines_match_padded_single_device(engine, runs
     assert got.keys() == expected.keys()
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=RTOL), (step, got[step], expected[step])
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    """The tiny-llama shape with its input embedding and output head tied, saved as a local model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dist_tune.models import PRESETS
+
+    cfg = load_config(None, {"model.name_or_path": "tiny-llama"})
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**PRESETS["tiny-llama"], vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                         pad_token_id=tokenizer.pad_token_id))
+    path = tmp_path_factory.mktemp("tied-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_chunked_head_with_lora_on_tied_head_matches_the_whole_logits(engine, runs_root, tied_llama):
+    """LoRA on q, v and the tied LM head, padding-free rows, 2 ranks: the head and loss in chunks of 16 positions
+    give the losses of the whole logits to 1e-5 at every step (the gradients too, or later steps would part)."""
+    losses = {}
+    for chunked in ("--train.ce_chunk_tokens=16", "--train.chunked_loss=false"):
+        name = f"{engine}-tied-lora-head-{chunked.split('.')[1].split('=')[0]}"
+        dist_tune("train", *common(runs_root, name), *ENGINES[engine], f"--model.name_or_path={tied_llama}",
+                  "--peft.method=lora", "--peft.target_modules=[q_proj,v_proj,lm_head]", "--optim.lr=1e-2",
+                  "--checkpoint.save_steps=null", "--train.max_steps=4", chunked, nproc=2)
+        losses[chunked] = read_metrics(runs_root / name)
+    chunked, whole = losses.values()
+    assert chunked.keys() == whole.keys() == set(range(1, 5))
+    for step in whole:
+        assert chunked[step] == pytest.approx(whole[step], rel=1e-5), (step, chunked[step], whole[step])
+    assert whole[4] < whole[1]
 
 
 def test_final_export_reloads_with_the_in_training_eval_loss(engine_run):

@@ -143,7 +143,10 @@ def test_lora_8b_activations_with_and_without_checkpointing():
     without = estimate(lora_8b(**{"engine.kind": "ddp", "engine.activation_checkpointing": False}), 1)
     assert with_ckpt.activations_gib * GIB == pytest.approx(layers * 2 * s * b * h + per_layer)  # 0.77 GiB
     assert without.activations_gib * GIB == pytest.approx(layers * per_layer)  # 8.5 GiB
-    assert with_ckpt.logits_gib * GIB == pytest.approx(2 * 4 * b * s * vocab)  # fp32 logits + their gradient
+    chunk = 128 * 2**20 // (4 * vocab)  # positions whose fp32 logits make 128 MiB: 261
+    assert with_ckpt.logits_gib * GIB == pytest.approx(2 * 4 * chunk * vocab)  # fp32 logits + their gradient
+    whole = estimate(lora_8b(**{"engine.kind": "ddp", "train.chunked_loss": False}), 1)
+    assert whole.logits_gib * GIB == pytest.approx(2 * 4 * b * s * vocab)  # 8.0 GiB
     assert with_ckpt.total_gib == pytest.approx(with_ckpt.weights_gib + with_ckpt.grads_gib + with_ckpt.optimizer_gib
                                                 + with_ckpt.activations_gib + with_ckpt.logits_gib)
 

@@ -73,7 +73,7 @@ def test_a_rank_with_no_validation_rows_still_runs_the_other_ranks_forward_count
     seen = []
     model = torch.nn.Module()
     engine = SimpleNamespace(env=ClusterEnv(rank=1, world_size=2, launcher="torchrun"), device=torch.device("cpu"),
-                             model=model, all_reduce_max=lambda t: torch.ones_like(t),
+                             model=model, unwrap=lambda: model, all_reduce_max=lambda t: torch.ones_like(t),
                              all_reduce_sum=lambda t: t, forward=lambda inputs: seen.append(inputs["input_ids"]))
     result = evaluate(cfg, engine, one_row, tokenizer)
     assert len(seen) == 1 and seen[0].reshape(-1)[-len(one_row[0]["input_ids"]):].tolist() == one_row[0]["input_ids"]

@@ -1,6 +1,7 @@
-"""Freed host memory leaves the process: large blocks when freed (host_heap.return_large_frees_to_the_os), the pages
-of small holes at each decoder block when a sharded model trains on CPU (host_heap.release_after_each_block), so
-per-tensor gathers and activations do not pile up as resident memory."""
+"""Freed host memory leaves the process where it is earned: large blocks when freed while loading and saving
+(host_heap.returning_large_frees) and in steps that gather weights on the host, the pages of small holes at each
+decoder block when a sharded model trains on CPU (host_heap.release_after_each_block); elsewhere the step keeps its
+blocks in the heap for reuse."""
 from __future__ import annotations
 
 import subprocess
@@ -23,21 +24,27 @@ def host_rss_gib():
 """
 
 LARGE_BLOCK = RSS + """
-from dist_tune.host_heap import return_large_frees_to_the_os
-if sys.argv[1] == "fixed":
-    assert return_large_frees_to_the_os()
-keep = []
-for _ in range(2):  # the second block is placed after glibc has raised its threshold (when left dynamic)
-    before = host_rss_gib()
-    block = torch.ones(2**20)  # 4 MiB, touched (an activation or a small weight)
-    keep.append(torch.ones(16))  # a live small object above it keeps the heap from shrinking
-    del block
-print((host_rss_gib() - before) * 1024)
+import contextlib
+from dist_tune import host_heap
+mode = sys.argv[1]
+if mode == "after-loading":
+    with host_heap.returning_large_frees():
+        torch.ones(2**20)
+if mode in ("step", "gathering-step"):
+    assert host_heap.use_for_steps(weights_gathered_on_host=mode == "gathering-step")
+keep = [torch.ones(16)]  # torch's first allocations out of the way
+before = host_rss_gib()
+with host_heap.returning_large_frees() if mode == "loading" else contextlib.nullcontext():
+    for _ in range(2):  # the second block is placed after glibc has raised its threshold (when left dynamic)
+        block = torch.ones(2**20)  # 4 MiB, touched (an activation or a small weight)
+        keep.append(torch.ones(16))  # a live small object above it keeps the heap from shrinking
+        del block
+    print((host_rss_gib() - before) * 1024)
 """
 
 HOLES = RSS + """
-from dist_tune.host_heap import release_freed_pages, return_large_frees_to_the_os
-assert return_large_frees_to_the_os()
+from dist_tune.host_heap import LARGE_ALLOCATION, release_freed_pages, set_mmap_threshold
+assert set_mmap_threshold(LARGE_ALLOCATION)
 before = host_rss_gib()
 blocks, pins = [], []
 for _ in range(64):  # 512 KiB activations, each followed by a 64 KiB object that outlives it
@@ -55,9 +62,17 @@ def retained_mib(probe: str, mode: str) -> float:
     return float(out.split()[-1])
 
 
-def test_a_freed_4_mib_block_leaves_the_process():
-    assert retained_mib(LARGE_BLOCK, "fixed") < 1
+def test_a_freed_4_mib_block_leaves_the_process_while_loading_and_in_gathering_steps():
+    assert retained_mib(LARGE_BLOCK, "loading") < 1
+    assert retained_mib(LARGE_BLOCK, "gathering-step") < 1
     assert retained_mib(LARGE_BLOCK, "dynamic") > 3  # glibc's default keeps it: what the setting prevents
+
+
+def test_a_training_step_keeps_its_blocks_for_reuse_after_loading():
+    """After the loading scope and in steps that gather nothing on the host, a freed activation-sized block stays
+    in the heap: handing it back would cost an mmap, page faults and zeroing per tensor per step."""
+    assert retained_mib(LARGE_BLOCK, "after-loading") > 3
+    assert retained_mib(LARGE_BLOCK, "step") > 3
 
 
 def test_releasing_freed_pages_returns_pinned_holes():

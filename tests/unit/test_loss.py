@@ -1,25 +1,12 @@
-"""Loss functions: global-sum semantics, packed-document boundaries, chunked cross-entropy, target-only logits."""
+"""Loss functions: global-sum semantics, packed-document boundaries, target-only logits, the chunked LM head."""
 import pytest
 import torch
 
 from dist_tune.config import Config
 from dist_tune.errors import UserError
-from dist_tune.loss import IGNORE, causal_lm_loss_sum, shifted_labels, target_positions
+from dist_tune.loss import (IGNORE, ChunkedHeadLoss, aligned_targets, causal_lm_loss_sum, chunked_head_ce_sum,
+                            chunked_head_loss, shifted_labels, target_positions)
 from dist_tune.models import check_logits_to_keep
-
-
-def test_chunked_cross_entropy_matches_full_in_value_and_gradient():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 17, 50, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 17))
-    labels[0, :5] = IGNORE
-    full, n_full = causal_lm_loss_sum(logits, labels)
-    (grad_full,) = torch.autograd.grad(full, logits)
-    chunked, n_chunked = causal_lm_loss_sum(logits, labels, chunk=7)
-    (grad_chunked,) = torch.autograd.grad(chunked, logits)
-    assert n_full == n_chunked == 3 * 16 - 4
-    assert torch.allclose(full, chunked, rtol=1e-6)
-    assert torch.allclose(grad_full.float(), grad_chunked.float(), atol=1e-6)
 
 
 def test_packed_rows_do_not_predict_across_document_boundaries():
@@ -73,3 +60,90 @@ def test_a_model_without_logits_to_keep_is_refused_with_the_fix():
         check_logits_to_keep(cfg, torch.nn.Linear(2, 2))
     cfg.train.target_logits_only = False
     check_logits_to_keep(cfg, torch.nn.Linear(2, 2))
+
+
+def tiny_llama(tie: bool = False, vocab: int = 50):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+def masked_labels(ids: torch.Tensor) -> torch.Tensor:
+    labels = ids.clone()
+    labels[0, :7], labels[1, :4], labels[1, 10:] = IGNORE, IGNORE, IGNORE
+    return labels
+
+
+def test_chunked_head_matches_the_whole_logits_in_value_and_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (3, 7))  # two leading positions without targets (virtual tokens)
+    targets[1, :3] = IGNORE
+    reference = torch.nn.functional.cross_entropy(head(hidden[:, 2:]).reshape(-1, 40), targets.reshape(-1),
+                                                  ignore_index=IGNORE, reduction="sum")
+    want = torch.autograd.grad(reference, [hidden, head.weight])
+    for chunk in (1, 5, 18, 100):
+        got = chunked_head_ce_sum(head, hidden, targets, chunk)
+        assert torch.allclose(got, reference, rtol=1e-6), chunk
+        for a, b in zip(torch.autograd.grad(got, [hidden, head.weight]), want):
+            assert torch.allclose(a, b, atol=1e-6), chunk
+
+
+def model_loss_and_grads(model, ids, labels, chunk=0, positions=None):
+    """(loss sum, parameter gradients) with the head chunked (chunk > 0) or from the model's whole logits."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if chunk:
+        head = chunked_head_loss(model) or ChunkedHeadLoss(model.get_output_embeddings(), chunk)
+        with head.computing(aligned_targets(labels, None, positions)):
+            loss = model(input_ids=ids, logits_to_keep=0 if positions is None else positions).logits
+        assert loss.dim() == 0
+    else:
+        logits = model(input_ids=ids, logits_to_keep=0 if positions is None else positions).logits
+        loss, _ = causal_lm_loss_sum(logits, labels, positions=positions)
+    return loss, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "target-positions", "lora-on-head"])
+def test_a_model_with_a_chunked_head_has_the_loss_and_gradients_of_its_logits(variant):
+    """The model's own forward with a chunked head (3 positions per chunk): same loss and gradients to 1e-5,
+    with tied embeddings, logits only at target positions, and LoRA on the head; without targets (generation)
+    the head still returns logits."""
+    model = tiny_llama(tie=variant == "tied")
+    if variant == "lora-on-head":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    ids = torch.randint(0, 50, (2, 12))
+    labels = masked_labels(ids)
+    positions = target_positions(labels, None) if variant == "target-positions" else None
+    want, want_grads = model_loss_and_grads(model, ids, labels, positions=positions)
+    got, got_grads = model_loss_and_grads(model, ids, labels, chunk=3, positions=positions)
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert len(got_grads) == len(want_grads) > 0
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert model(input_ids=ids).logits.shape == (2, 12, 50)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_liger_fused_head_matches_the_chunked_head_on_cuda():
+    """On CUDA with liger-kernel installed a plain linear head takes Liger's fused kernel: same loss and
+    gradients as the chunked path."""
+    from dist_tune.loss import liger_loss
+
+    pytest.importorskip("liger_kernel")
+    model = tiny_llama().cuda()
+    ids = torch.randint(0, 50, (2, 12), device="cuda")
+    labels = masked_labels(ids)
+    want, want_grads = model_loss_and_grads(model, ids, labels, chunk=3)
+    head = chunked_head_loss(model)
+    head.fused = liger_loss(model.get_output_embeddings(), torch.device("cuda"))
+    assert head.fused is not None
+    got, got_grads = model_loss_and_grads(model, ids, labels, chunk=3)
+    assert torch.allclose(got, want, rtol=1e-4)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-4)

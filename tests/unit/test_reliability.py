@@ -231,8 +231,8 @@ def nan_at(monkeypatch, trainer: Trainer, bad_steps: set[int]) -> list[dict[str,
     """Make the loss NaN on the given (1-based) steps; returns the parameters after every step."""
     real = trainer_mod.loss_sum
 
-    def poisoned(output, batch, causal, chunk=0):
-        summed, count = real(output, batch, causal, chunk)
+    def poisoned(output, batch, causal):
+        summed, count = real(output, batch, causal)
         if trainer.state.step + 1 in bad_steps:
             summed = summed * float("nan")
         return summed, count
