@@ -54,13 +54,15 @@ GPU = Profile(cuda=True, preset="llama-3.2-1b", big_preset="llama-3-8b", seq=204
               warmup=5, mixed_rows=1000, mixed_median=120, mixed_seq=1024, mixed_micro_batch=8, mixed_steps=20,
               memory_steps=4, budget_s=470,
               allowance_s={"environment": 60, "gpu_tests": 120, "throughput": 120, "engine_parity": 180,
-                           "padding_free": 150, "lora_memory": 150, "sharded_lora_memory": 180, "qlora_memory": 150,
+                           "padding_free": 150, "lora_memory": 150, "sharded_lora_memory": 180,
+                           "chunked_loss_memory": 150, "qlora_memory": 150,
                            "generation": 60})
 DRY = Profile(cuda=False, preset="tiny-llama", big_preset="tiny-llama", seq=128, micro_batch=4, steps=PARITY_STEPS,
               warmup=2, mixed_rows=200, mixed_median=40, mixed_seq=256, mixed_micro_batch=4, mixed_steps=6,
               memory_steps=3, budget_s=900,
               allowance_s={"environment": 60, "gpu_tests": 180, "throughput": 120, "engine_parity": 240,
-                           "padding_free": 180, "lora_memory": 120, "sharded_lora_memory": 180, "qlora_memory": 60,
+                           "padding_free": 180, "lora_memory": 120, "sharded_lora_memory": 180,
+                           "chunked_loss_memory": 120, "qlora_memory": 60,
                            "generation": 60})
 
 
@@ -182,13 +184,16 @@ class Check:
         return self.runs[name]
 
     # --- inputs ---------------------------------------------------------------
-    def data_file(self, kind: str) -> Path:
-        """The dense long-text rows or the mixed-length instruction rows, written once."""
+    def data_file(self, kind: str, seq: int | None = None) -> Path:
+        """The dense long-text rows (of at least `seq` tokens, default the profile's) or the mixed-length
+        instruction rows, written once."""
+        seq = seq or self.profile.seq
+        kind = f"{kind}-{seq}" if kind == "long-text" else kind
         if kind not in self.files:
             path = self.scratch / f"{kind}.jsonl"
             p = self.profile
-            if kind == "long-text":
-                self.task("long-text", str(path), str(p.micro_batch * (p.steps + 1)), str(p.seq + 64))
+            if kind.startswith("long-text"):
+                self.task("long-text", str(path), str(p.micro_batch * (p.steps + 1)), str(seq + 64))
             else:
                 self.task("mixed-data", str(path), str(p.mixed_rows), str(p.mixed_median), str(p.mixed_seq))
             self.files[kind] = path
@@ -223,12 +228,13 @@ class Check:
                 f"--data.padding_free={str(padding_free).lower()}", f"--train.micro_batch_size={p.mixed_micro_batch}",
                 f"--train.max_steps={p.mixed_steps}"]
 
-    def memory_args(self, qlora: bool) -> list[str]:
+    def memory_args(self, qlora: bool, seq: int | None = None) -> list[str]:
         p = self.profile
+        seq = seq or p.seq
         return [*self.common_args(), f"--model.name_or_path={self.base_model()}", "--model.dtype=bfloat16",
                 "--peft.method=lora", f"--peft.load_in_4bit={str(qlora).lower()}",
-                "--engine.activation_checkpointing=true", f"--data.path={self.data_file('long-text')}",
-                "--data.format=text", f"--data.max_length={p.seq}", "--data.pack=false", "--data.padding_free=false",
+                "--engine.activation_checkpointing=true", f"--data.path={self.data_file('long-text', seq)}",
+                "--data.format=text", f"--data.max_length={seq}", "--data.pack=false", "--data.padding_free=false",
                 "--train.micro_batch_size=1", f"--train.max_steps={p.memory_steps}"]
 
     # --- steps ----------------------------------------------------------------
@@ -379,6 +385,23 @@ def sharded_lora_memory(c: Check) -> dict:
             "summary": f"LoRA on {c.profile.big_preset} shape, world size 1: " + "; ".join(lines) + " GiB"}
 
 
+def chunked_loss_memory(c: Check) -> dict:
+    """One LoRA step on the big shape at 4 × the profile's sequence length (8192 on the GPU: 4.2 GB of fp32
+    logits at Llama-3's vocabulary) with the LM head and loss chunked (the default) and with the whole logits."""
+    seq = 4 * c.profile.seq
+    peaks: dict[str, dict] = {}
+    for name, chunked in (("chunked", "true"), ("whole_logits", "false")):
+        args = c.memory_args(qlora=False, seq=seq) + [f"--train.chunked_loss={chunked}", "--train.max_steps=1"]
+        try:
+            peaks[name] = read_run(c.train(f"loss_{name}", args), 0).peaks
+        except StepError as exc:
+            peaks[name] = {"error": key_line(str(exc))}
+    lines = [f"{name}: {p.get('error') or peaks_text(p)}" for name, p in peaks.items()]
+    return {"status": "failed" if any("error" in p for p in peaks.values()) else "ok", "seq": seq,
+            "peaks_gib": peaks,
+            "summary": f"LoRA on {c.profile.big_preset} shape, seq {seq}, one step: " + "; ".join(lines) + " GiB"}
+
+
 def qlora_memory(c: Check) -> dict:
     if not c.profile.cuda:
         raise Skip("no CUDA")
@@ -401,7 +424,8 @@ def generation(c: Check) -> dict:
 
 STEPS = {"environment": environment, "gpu_tests": gpu_tests, "throughput": throughput,
          "engine_parity": engine_parity, "padding_free": padding_free, "lora_memory": lora_memory,
-         "sharded_lora_memory": sharded_lora_memory, "qlora_memory": qlora_memory, "generation": generation}
+         "sharded_lora_memory": sharded_lora_memory, "chunked_loss_memory": chunked_loss_memory,
+         "qlora_memory": qlora_memory, "generation": generation}
 
 
 # --- report --------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 # (llama-3.2-1b, bf16, seq 2048: tokens/s, MFU), engine_parity (FSDP and ZeRO-3 at world size 1 vs single
 # device: first 10 losses, overhead), padding_free (vs padded tokens/s on mixed-length instructions),
 # lora_memory / qlora_memory (peak memory on the llama-3-8b shape; sharded_lora_memory: the LoRA run under FSDP
-# and ZeRO-3 at world size 1), generation.
+# and ZeRO-3 at world size 1), chunked_loss_memory (one LoRA step on that shape at seq 8192 with the LM head and
+# loss chunked and with the whole logits), generation.
 # --dry-run: the same steps with tiny-llama on the CPU (throughput/MFU and QLoRA are skipped: no CUDA).
 #
 # On the offline GPU machine, after `bash ../shared/gpu/wheels.sh` here, install the wheels first:

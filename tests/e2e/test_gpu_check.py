@@ -11,7 +11,7 @@ from helpers import ROOT, cli_env
 
 SCRIPT = ROOT / "benchmarks" / "gpu" / "check.sh"
 STEPS = ["environment", "gpu_tests", "throughput", "engine_parity", "padding_free", "lora_memory",
-         "sharded_lora_memory", "qlora_memory", "generation"]
+         "sharded_lora_memory", "chunked_loss_memory", "qlora_memory", "generation"]
 
 
 def check(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -57,6 +57,9 @@ def test_dry_run_records_every_step_with_loss_parity(tmp_path):
     assert steps["lora_memory"]["peaks_gib"]
     for engine in ("fsdp", "zero3"):
         assert steps["sharded_lora_memory"]["peaks_gib"][engine]["train/peak_rss_gib"] > 0
+    chunked = steps["chunked_loss_memory"]["peaks_gib"]
+    assert steps["chunked_loss_memory"]["seq"] == 512
+    assert chunked["chunked"]["train/peak_rss_gib"] > 0 and chunked["whole_logits"]["train/peak_rss_gib"] > 0
     assert isinstance(steps["generation"]["text"], str)
     table = (tmp_path / "results.md").read_text().splitlines()
     assert "| step | status | result | s |" in table
