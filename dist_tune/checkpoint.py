@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_tune import checkpoint_trust as trust
 from dist_tune.errors import UserError
 from dist_tune.host_heap import returning_large_frees
 
@@ -121,16 +122,35 @@ def _fsync_tree(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain numbers, so torch.load(weights_only=True) reads it back."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # renamed in NumPy 2
+OLD_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), NUMPY_CORE.multiarray._reconstruct]
+
+
+def read_rng_state(file: Path) -> dict:
+    """An rng_rank*.pt, weights-only; files written before the NumPy state was tensors hold NumPy's array
+    globals, which are allowed for them."""
+    with torch.serialization.safe_globals(OLD_RNG_GLOBALS):
+        return torch.load(file, weights_only=True)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -148,10 +168,13 @@ def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int |
         engine.save(tmp)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     engine.barrier()
+    trust.write_share(tmp, rank, engine.env.world_size, exclude=(STATE_FILE, COMPLETE))
+    engine.barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(replace(state, world_size=engine.env.world_size)), indent=1))
+        record = {**trust.merge_shares(tmp), **trust.digests(tmp, [STATE_FILE])}
         _fsync_tree(tmp)
-        (tmp / COMPLETE).write_text("ok\n")
+        (tmp / COMPLETE).write_text(json.dumps({"files": record}, indent=0, sort_keys=True) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_tree(final.parent)
@@ -168,9 +191,31 @@ def prune_checkpoints(run_dir: Path, total_limit: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def checked_share(path: Path, verify: bool, rank: int = 0, world_size: int = 1) -> str | None:
+    """Refuse pickles that could run code (UnsafeCheckpoint: every file's pickle is read); then, unless `verify`
+    is off, the first of this rank's share of files that differs from the COMPLETE marker's record, or None."""
+    trust.check_pickles(path)
+    record = trust.read_record(path / COMPLETE) if verify else {}
+    if record is None:
+        log.warning("checkpoint %s was written before dist_tune recorded its files' digests: not verified", path)
+    return trust.verify_share(path, record, rank, world_size) if record else None
+
+
+def verify_checkpoint(path: Path, verify: bool, rank: int, world_size: int) -> None:
+    """Collective, before anything is loaded: checked_share on every rank; any rank's finding stops every rank
+    with the same line."""
+    found = [checked_share(path, verify, rank, world_size)]
+    if world_size > 1:
+        found = [None] * world_size
+        torch.distributed.all_gather_object(found, checked_share(path, verify, rank, world_size))
+    problem = next((f for f in found if f), None)
+    if problem:
+        raise trust.integrity_error(path, problem)
+
+
 def load_checkpoint(engine, path: Path) -> TrainState:
     engine.load(path)
     rng_file = path / f"rng_rank{engine.env.rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(read_rng_state(rng_file))
     return read_state(path, engine.cfg.train.micro_batch_size)

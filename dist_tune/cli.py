@@ -123,11 +123,12 @@ def generate(run_dir: str, prompt: str, input: str = "", max_new_tokens: int = 6
                         top_p=top_p, seed=seed))
 
 
-def export(run_dir: str, out: str | None = None, checkpoint: str | None = None) -> None:
-    """Consolidate the latest (or given) checkpoint of any engine into one HF save_pretrained directory."""
+def export(run_dir: str, out: str | None = None, checkpoint: str | None = None, verify: bool = True) -> None:
+    """Consolidate the latest (or given) checkpoint of any engine into one HF save_pretrained directory.
+    --verify=false skips the check of its files against the digests recorded at save (never the pickle check)."""
     from dist_tune.export import export_checkpoint
 
-    print(export_checkpoint(Path(run_dir), out and Path(out), checkpoint and Path(checkpoint)))
+    print(export_checkpoint(Path(run_dir), out and Path(out), checkpoint and Path(checkpoint), verify=_flag(verify)))
 
 
 def merge_adapter(run_dir: str, out: str | None = None) -> None:

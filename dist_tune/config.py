@@ -32,6 +32,7 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     max_position_embeddings: int | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -177,6 +178,7 @@ class CheckpointConfig:
     save_total_limit: int | None = 2
     save_final: bool = True
     max_shard_size: str = "1GB"
+    verify: bool = True
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from dist_tune import checkpoint as ckpt
+from dist_tune import checkpoint_trust as trust
 from dist_tune import hf_save
 from dist_tune.config import Config, config_from_dict, qlora_compute_dtype, read_yaml
 from dist_tune.errors import UserError
@@ -101,17 +102,22 @@ def check_weights(path: Path, model: torch.nn.Module, stored: dict[str, torch.Si
                             f"model has {tuple(shape)}; export it with the config.yaml it was trained with")
 
 
-def export_checkpoint(run_dir: Path, out_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
+def export_checkpoint(run_dir: Path, out_dir: Path | None = None, checkpoint: Path | None = None,
+                      verify: bool = True) -> Path:
     """Write an HF directory from the latest (or given) complete checkpoint, reading only its model tensors,
     never optimizer state: a peft run's adapter directory, or the model as HF sharded safetensors of at most
     checkpoint.max_shard_size, converted file by file (only one output file's tensors in memory). The run's
     model is built on the meta device (a QLoRA run's without quantisation: only the adapter is written); only
-    `freeze` runs, whose checkpoints lack the frozen base, load it."""
+    `freeze` runs, whose checkpoints lack the frozen base, load it. The checkpoint's pickles are checked and,
+    with `verify` and the run's checkpoint.verify, its files against the digests recorded at save."""
     cfg = run_config(run_dir)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(Path(run_dir))
     if path is None or not ckpt.is_complete(path):
         raise UserError(f"no complete checkpoint in '{run_dir}'; train with checkpoint.save_steps set, "
                         "or pass --checkpoint checkpoints/step_N")
+    found = ckpt.checked_share(path, verify and cfg.checkpoint.verify)
+    if found:
+        raise trust.integrity_error(path, found)
     stored, read = checkpoint_weights(path)
     tokenizer = load_tokenizer(cfg)
     model = build_model(unquantised_base(cfg), tokenizer, torch.device("meta"))

@@ -2,8 +2,12 @@
 random-init preset with the shipped tokenizer."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,13 +42,39 @@ PRESETS: dict[str, dict] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_remote_code(name: str) -> None:
+    log.warning("model.trust_remote_code=true: the Python files that come with '%s' run in this process", name)
+
+
+def remote_code(cfg: Config) -> dict:
+    """from_pretrained's trust_remote_code: a model's own Python code runs only when the user turned it on."""
+    if cfg.model.trust_remote_code:
+        _warn_remote_code(cfg.model.name_or_path)
+    return {"trust_remote_code": cfg.model.trust_remote_code}
+
+
+@contextlib.contextmanager
+def refusing_remote_code(cfg: Config) -> Iterator[None]:
+    """transformers' refusal of a model that needs its own code, as one line naming the switch."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UserError(f"model '{cfg.model.name_or_path}' needs its own Python code to load (a custom architecture "
+                        "shipped with it); read that code, then set model.trust_remote_code=true to run it") from None
 
 
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The model directory's tokenizer, or the shipped one for presets; a pad token is always set, and a chat
     template for chat data (so every directory saved with it renders conversations as training did)."""
     source = TOKENIZER_DIR if cfg.model.name_or_path in PRESETS else _model_dir(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    with refusing_remote_code(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **remote_code(cfg))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -89,7 +119,8 @@ def model_config(cfg: Config, tokenizer: PreTrainedTokenizerBase):
         hf_cfg = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
     else:
-        hf_cfg = AutoConfig.from_pretrained(str(_model_dir(cfg.model)))
+        with refusing_remote_code(cfg):
+            hf_cfg = AutoConfig.from_pretrained(str(_model_dir(cfg.model)), **remote_code(cfg))
     if cfg.model.max_position_embeddings:
         hf_cfg.max_position_embeddings = cfg.model.max_position_embeddings
     if cfg.model.task != "causal_lm":
@@ -166,10 +197,12 @@ def load_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, device: torch.de
         return load_4bit(cfg, hf_cfg, auto)
     device = torch.device(device)
     if is_deepspeed_zero3_enabled():  # under the engine's partitioned construction: weights come later
-        model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
+        model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg),
+                                 **remote_code(cfg))
     elif cfg.model.name_or_path in PRESETS or device.type == "meta":  # meta: the engine loads or initialises later
         with torch.device("meta"):
-            model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg))
+            model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attention_implementation(cfg),
+                                     **remote_code(cfg))
         if device.type != "meta":
             init_weights.materialise(model, device)
             init_weights.initialise(model, [name for name, _ in model.named_parameters()], cfg.train.seed)
@@ -185,6 +218,7 @@ def load_pretrained(cfg: Config, hf_cfg, auto, dtype: torch.dtype, device: torch
     source = model_directory(cfg.model)
     with torch.device(device):
         model, info = auto.from_pretrained(str(source), config=hf_cfg, dtype=dtype, output_loading_info=True,
+                                           **remote_code(cfg),
                                            attn_implementation=attention_implementation(cfg))
     missing = sorted(set(info["missing_keys"]) & {name for name, _ in model.named_parameters()})
     check_complete(cfg, model, missing, source)
@@ -257,6 +291,7 @@ def load_4bit(cfg: Config, hf_cfg, auto) -> torch.nn.Module:
         raise UserError("peft.load_in_4bit quantises pretrained weights; point model.name_or_path at a local model")
     model = auto.from_pretrained(str(_model_dir(cfg.model, weights=True)), config=hf_cfg, dtype=compute,
                                  quantization_config=quant, device_map={"": torch.cuda.current_device()},
+                                 **remote_code(cfg),
                                  attn_implementation=attention_implementation(cfg))
     check_logits_to_keep(cfg, model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.engine.activation_checkpointing)

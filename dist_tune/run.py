@@ -154,6 +154,8 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     engine = build_engine(cfg, env, device)
     # fail before any data or model work: a resume that cannot work, a length the model cannot take
     resume_from = ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
+    if resume_from is not None:
+        ckpt.verify_checkpoint(resume_from, cfg.checkpoint.verify, env.rank, env.world_size)
     rank0_first(engine, lambda: fetch_model(cfg), per_node=True)  # one download per node; the rest read the cache
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
