@@ -45,7 +45,8 @@ def train(args: argparse.Namespace, model: Path, name: str, *extra: str) -> floa
     its wall seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "dist_tune.cli", "train", f"--model.name_or_path={model}",
-           "--data.path=bundled:text", "--data.format=text", "--data.max_length=64", "--model.dtype=bfloat16",
+           "--data.path=bundled:text", "--data.format=text", "--data.max_length=64", "--data.validation_split=0",
+           "--model.dtype=bfloat16",
            "--engine.mixed_precision=bf16", "--engine.kind=fsdp", "--peft.method=full", "--train.micro_batch_size=1",
            "--train.max_steps=2", "--checkpoint.save_final=false", "--train.device=cpu",
            f"--train.output_dir={Path(args.cache) / 'runs'}", f"--train.run_name={name}", "--train.eval_steps=null",

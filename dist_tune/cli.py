@@ -108,7 +108,8 @@ def show_config(config: str | None = None, **overrides) -> None:
 
 def eval(run_dir: str, generate: bool = False, **overrides) -> None:  # noqa: A001 - the command is called eval
     """Evaluate a finished run's final model on its validation data (overrides like --data.validation_path=...);
-    --generate adds generation metrics over eval.generate_samples prompts (e.g. --eval.generate_samples=32)."""
+    --generate adds generation metrics over eval.generate_samples prompts (16 when the run set none; e.g.
+    --eval.generate_samples=32)."""
     from dist_tune.evaluate import evaluate_run
 
     print(json.dumps(evaluate_run(Path(run_dir), overrides, generate=_flag(generate))))

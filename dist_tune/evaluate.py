@@ -17,17 +17,20 @@ from dist_tune.generation import GENERATIONS_FILE
 from dist_tune.trainer import evaluate
 
 log = logging.getLogger(__name__)
+GENERATE_SAMPLES = 16  # prompts for --generate when the run's config sets none
 
 
 def evaluate_run(run_dir: Path, overrides: dict, generate: bool = False) -> dict[str, Any]:
     """Validation metrics of the run's final model (data overrides allowed, e.g. another validation file), with
-    the confusion matrix of a classifier; generate: also generation metrics over eval.generate_samples prompts.
+    the confusion matrix of a classifier; generate: also generation metrics over eval.generate_samples prompts
+    (GENERATE_SAMPLES when the run set none).
     Like training's evals, it writes confusion_matrix.json / generations.jsonl to the run dir."""
     cfg, model, tokenizer = load_trained(run_dir)
     apply_overrides(cfg, overrides)
     if generate and not cfg.eval.generate_samples:
-        raise UserError("--generate needs eval.generate_samples > 0 and this run's is 0; "
-                        "add --eval.generate_samples=N")
+        cfg.eval.generate_samples = GENERATE_SAMPLES
+        log.info("--generate: this run's eval.generate_samples is 0, so generating for up to %d validation prompts "
+                 "(set --eval.generate_samples=N for another count)", GENERATE_SAMPLES)
     cfg.eval.generate_samples = cfg.eval.generate_samples if generate else 0
     env = cluster.detect()
     engine = SingleEngine(cfg, env, process_group.select_device(cfg.train.device, env))

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from helpers import TINY, dist_tune
-from dist_tune.errors import UserError
-from dist_tune.evaluate import evaluate_run
+from dist_tune.evaluate import GENERATE_SAMPLES, evaluate_run
 
 GENERATION_KEYS = ("eval/exact_match", "eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL")
 
@@ -44,10 +43,10 @@ def test_generation_metrics_every_eval_and_from_the_eval_command(runs_root):
     assert {key: result[key] for key in GENERATION_KEYS} == {key: evals[4][key] for key in GENERATION_KEYS}
     assert read_jsonl(run_dir / "generations.jsonl") == rows
     assert not set(GENERATION_KEYS) & set(evaluate_run(run_dir, {}))  # without --generate
-    with pytest.raises(UserError) as refused:
-        evaluate_run(run_dir, {"eval.generate_samples": 0}, generate=True)
-    assert str(refused.value) == ("--generate needs eval.generate_samples > 0 and this run's is 0; "
-                                  "add --eval.generate_samples=N")
+    zero = dist_tune("eval", str(run_dir), "--generate", "--eval.generate_samples=0")  # --generate alone generates
+    assert set(GENERATION_KEYS) <= set(last_json(zero))
+    assert f"generating for up to {GENERATE_SAMPLES} validation prompts" in zero.stderr
+    assert len(read_jsonl(run_dir / "generations.jsonl")) == GENERATE_SAMPLES
 
 
 def test_classification_reports_per_class_metrics_and_the_confusion_matrix(runs_root):
