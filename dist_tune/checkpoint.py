@@ -27,7 +27,7 @@ FINISHED = "summary.json"  # metrics.SUMMARY_NAME: written when a run ends
 class TrainState:
     """Where training is: enough to continue on exactly the next batch, at any world size. samples_in_epoch
     counts the epoch's samples trained on over all ranks (the position in the epoch's order); world_size is the
-    saving run's (0 until saved)."""
+    saving run's (0 until saved); eval_pending: saved before this step's evaluation, which a resume runs first."""
     step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0
@@ -37,6 +37,7 @@ class TrainState:
     skipped_steps: int = 0
     model_name: str = ""
     world_size: int = 0
+    eval_pending: bool = False
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -171,8 +172,8 @@ def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int |
     trust.write_share(tmp, rank, engine.env.world_size, exclude=(STATE_FILE, COMPLETE))
     engine.barrier()
     if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(replace(state, world_size=engine.env.world_size)), indent=1))
-        record = {**trust.merge_shares(tmp), **trust.digests(tmp, [STATE_FILE])}
+        write_state(tmp, state, engine.env.world_size)
+        record = trust.merge_shares(tmp)  # trainer_state.json is JSON (no code), checked when read, and rewritten
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"files": record}, indent=0, sort_keys=True) + "\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -181,6 +182,13 @@ def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int |
         prune_checkpoints(run_dir, total_limit)
     engine.barrier()
     return final
+
+
+def write_state(path: Path, state: TrainState, world_size: int) -> None:
+    """trainer_state.json of checkpoint `path`, replaced atomically."""
+    tmp = path / f"{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(replace(state, world_size=world_size)), indent=1))
+    os.replace(tmp, path / STATE_FILE)
 
 
 def prune_checkpoints(run_dir: Path, total_limit: int | None) -> None:

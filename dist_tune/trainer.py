@@ -201,12 +201,34 @@ class Trainer:
                                 "clipping (optim.max_grad_norm) or check the data")
 
     # --- evaluation ------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Validation metrics; rank 0 writes the eval's confusion matrix and generations to the run dir."""
-        evaluation = evaluate(self.cfg, self.engine, self.val_set, self.tokenizer)
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation metrics (None when a preemption signal interrupted them); rank 0 writes the eval's confusion
+        matrix and generations to the run dir."""
+        evaluation = evaluate(self.cfg, self.engine, self.val_set, self.tokenizer, stop=self.preemption.should_stop)
+        if evaluation is None:
+            return None
         if self.engine.env.rank == 0:
             evaluation.write(self.run_dir)
         return evaluation.metrics
+
+    def _evaluate_step(self, history: dict[str, Any]) -> str | None:
+        """This step's evaluation: "preempted" when a signal interrupted it (the step is then checkpointed, marked
+        to evaluate again on resume), "early_stopping" when patience ran out, else None."""
+        evaluation = self.evaluate()
+        if evaluation is None:
+            self.state.eval_pending = True
+            self.save()
+            return "preempted"
+        self.state.eval_pending = False
+        self.metrics.log(self.state.step, evaluation)
+        history.update({f"final_{k.replace('/', '_')}": v for k, v in evaluation.items()})
+        stop = self._after_eval(evaluation)
+        if self.last_saved_step == self.state.step and self.engine.env.rank == 0:
+            ckpt.write_state(ckpt.step_dir(self.run_dir, self.state.step), self.state, self.engine.env.world_size)
+        if stop:
+            self.save()
+            return "early_stopping"
+        return None
 
     # --- loop ------------------------------------------------------------------
     def save(self) -> None:
@@ -241,17 +263,34 @@ class Trainer:
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _after_step(self, history: dict[str, Any], total: int) -> str | None:
+        """Checkpoint (before the evaluation, so a signal during it loses nothing; the last step too, so a larger
+        train.max_steps continues from it), evaluate, then stop on a preemption signal; why it stopped, or None."""
+        evaluate_now = self._should(self.cfg.train.eval_steps) or self.state.step == total
+        if self._should(self.cfg.checkpoint.save_steps) or self.state.step == total:
+            self.state.eval_pending = evaluate_now
+            self.save()
+        stopped = self._evaluate_step(history) if evaluate_now else None
+        if stopped:
+            return stopped
+        self._maybe_inject_fault()
+        if self.preemption.should_stop():
+            self.save()
+            return "preempted"
+        return None
+
     def train(self) -> dict[str, Any]:
         """Run to total_steps (or early stop / preemption); returns the run summary."""
         total = self.total_steps
         it = self._epoch_iterator()
-        history: dict[str, Any] = {"stopped": "completed"}
+        history: dict[str, Any] = {}
         last_step_time = time.perf_counter()
         self.engine.model.train()  # from_pretrained returns eval mode; dropout belongs on from the first step
         if self.state.step >= total:
             log.info("already at step %d of train.max_steps=%d: nothing to train (raise train.max_steps to continue)",
                      self.state.step, total)
-        while self.state.step < total:
+        stopped = self._evaluate_step(history) if self.state.eval_pending else None
+        while stopped is None and self.state.step < total:
             micro, it, wait = self._next_micro_batches(it)
             result = self.train_step(micro)
             result.data_wait_s = wait
@@ -261,21 +300,8 @@ class Trainer:
             if self._should(self.cfg.log.log_steps) or self.state.step in (1, total):
                 self.metrics.log(self.state.step, self.train_metrics(result, elapsed))
             history["final_train_loss"] = result.loss
-            if self._should(self.cfg.train.eval_steps) or self.state.step == total:
-                evaluation = self.evaluate()
-                self.metrics.log(self.state.step, evaluation)
-                history.update({f"final_{k.replace('/', '_')}": v for k, v in evaluation.items()})
-                if self._after_eval(evaluation):
-                    history["stopped"] = "early_stopping"
-                    self.save()
-                    break
-            if self._should(self.cfg.checkpoint.save_steps) or self.state.step == total:
-                self.save()  # the last step too, so a larger train.max_steps continues from it
-            self._maybe_inject_fault()
-            if self.preemption.should_stop():
-                history["stopped"] = "preempted"
-                self.save()
-                break
+            stopped = self._after_step(history, total)
+        history["stopped"] = stopped or "completed"
         history.update(steps=self.state.step, total_steps=total, skipped_steps=self.state.skipped_steps)
         return history
 
@@ -304,32 +330,50 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any) -> Evaluation:
+def evaluate(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any,
+             stop: Callable[[], bool] | None = None) -> Evaluation | None:
     """Validation metrics of the engine's model over `val_set`, reduced across ranks (none without a set), plus
-    generation metrics when eval.generate_samples is set. Collective: every rank calls it."""
+    generation metrics when eval.generate_samples is set; None when `stop` (asked before each batch and before
+    generating; a collective that every rank answers alike) says to stop. Collective: every rank calls it."""
     if val_set is None or len(val_set) == 0:
         return Evaluation()
-    env, causal = engine.env, cfg.model.task == "causal_lm"
+    env = engine.env
     loader, _ = build_loader(val_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=False,
                              seed=cfg.train.seed)
     limit = cfg.train.eval_max_batches or len(loader)
     n_batches = int(engine.all_reduce_max(torch.tensor(min(len(loader), limit), device=engine.device)))
-    engine.model.eval()
     tally = EvalTally(cfg, engine.device, class_names(val_set, cfg.model.num_labels))
-    batches, filler = iter(loader), None
+    stop = stop or (lambda: False)
+    engine.model.eval()
+    try:
+        if not _tally_batches(cfg, engine, val_set, tokenizer, iter(loader), n_batches, tally, stop):
+            return None
+        if cfg.eval.generate_samples and stop():
+            return None
+        generated, generations = generation_eval(cfg, engine, val_set, tokenizer)
+    finally:
+        engine.model.train()
+    metrics, confusion = tally.result(engine)
+    return Evaluation({**metrics, **generated}, confusion, generations)
+
+
+def _tally_batches(cfg: Config, engine: Engine, val_set: Any, tokenizer: Any, batches: Iterator, n_batches: int,
+                   tally: EvalTally, stop: Callable[[], bool]) -> bool:
+    """n_batches forwards into `tally` (a rank out of batches runs a filler: sharded engines gather weights in
+    every forward); False when `stop` interrupted them."""
+    filler = None
     for _ in range(n_batches):
+        if stop():
+            return False
         batch = next(batches, None)
-        if batch is None:  # this rank ran out: a filler forward keeps sharded engines' collectives in step
+        if batch is None:
             filler = filler if filler is not None else first_batch(cfg, val_set, tokenizer, engine.device)
             forward(engine, filler)
             continue
         batch = to_device(batch, engine.device)
         filler = filler if filler is not None else batch
-        tally.add(forward(engine, batch), batch, causal)
-    generated, generations = generation_eval(cfg, engine, val_set, tokenizer)
-    engine.model.train()
-    metrics, confusion = tally.result(engine)
-    return Evaluation({**metrics, **generated}, confusion, generations)
+        tally.add(forward(engine, batch), batch, cfg.model.task == "causal_lm")
+    return True
 
 
 def first_batch(cfg: Config, val_set: Any, tokenizer: Any, device: torch.device) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def build_trainer(cfg: Config, monkeypatch) -> Trainer:
     """run.build_trainer on the CPU, with metrics kept in a list."""
     monkeypatch.setattr(run_mod.metrics, "MetricsLogger", ListMetrics)
     run_dir = run_mod.resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_mod.build_trainer(cfg, cluster.detect(), torch.device("cpu"), run_dir)
 
 
@@ -334,3 +334,45 @@ def test_cli_nan_policy_stop_prints_one_error_line(cli, tmp_path):
     assert "non-finite steps at step 2" in errors[0] and "lower optim.lr" in errors[0]
     # the step-1 checkpoint exists; nothing was saved from the bad step
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "stop")] == ["step_00000001"]
+
+
+def losses_and_evals(trainer: Trainer) -> tuple[dict[int, float], list[int]]:
+    rows = trainer.metrics.rows
+    return ({step: v["train/loss"] for step, v in rows if "train/loss" in v},
+            [step for step, v in rows if "eval/loss" in v])
+
+
+def test_a_signal_during_evaluation_keeps_the_steps_checkpoint_and_the_resumed_run_matches(
+        tmp_path, monkeypatch, clean_env):
+    """The step is checkpointed before its evaluation and a signal is heard inside it: SIGUSR1 during step 2's
+    evaluation stops the run with step 2 saved (marked to evaluate again); the resumed run evaluates step 2 first,
+    then trains steps 3-4 to the uninterrupted run's losses."""
+    def cfg(name: str) -> Config:
+        c = tiny_cfg(tmp_path / name, max_steps=4, eval_steps=2, eval_max_batches=2)
+        c.checkpoint.save_steps = 2
+        return c
+
+    reference = build_trainer(cfg("reference"), monkeypatch)
+    reference.train()
+    expected, expected_evals = losses_and_evals(reference)
+    trainer = build_trainer(cfg("run"), monkeypatch)
+    real_forward = trainer_mod.forward
+
+    def forward_then_signal(engine, batch):
+        if not engine.model.training and trainer.state.step == 2:
+            signal.raise_signal(signal.SIGUSR1)
+        return real_forward(engine, batch)
+
+    monkeypatch.setattr(trainer_mod, "forward", forward_then_signal)
+    summary = trainer.train()
+    assert summary["stopped"] == "preempted" and summary["steps"] == 2
+    assert losses_and_evals(trainer)[1] == []  # the interrupted evaluation logged nothing
+    saved = ckpt.latest_checkpoint(trainer.run_dir)
+    assert saved.name == "step_00000002" and ckpt.read_state(saved).eval_pending
+    monkeypatch.setattr(trainer_mod, "forward", real_forward)
+    resumed = build_trainer(cfg("run"), monkeypatch)
+    assert resumed.train()["stopped"] == "completed"
+    losses, evals = losses_and_evals(resumed)
+    assert evals == expected_evals == [2, 4]
+    assert losses == {3: expected[3], 4: expected[4]}
+    assert not ckpt.read_state(ckpt.latest_checkpoint(trainer.run_dir)).eval_pending  # rewritten after its eval
