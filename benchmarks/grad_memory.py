@@ -21,7 +21,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 from common import ROOT, cpu_model, git_commit, write_report
 from dist_tune import cluster, process_group
 from dist_tune.config import load_config
-from dist_tune.engines import build_engine
+from dist_tune.engines.registry import build_engine
 from dist_tune.estimate import GIB, estimate
 from dist_tune.models import load_tokenizer
 from dist_tune.optim import optimizer_factory, scheduler_factory

@@ -249,7 +249,8 @@ def run_hf(args: argparse.Namespace, workdir: str) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dist_tune.data import ResumableSampler, build_datasets
+    from dist_tune.data.pipeline import build_datasets
+    from dist_tune.data.sampler import ResumableSampler
     from dist_tune.models import load_model, load_tokenizer
 
     cfg = dt_config(args, {}, workdir)

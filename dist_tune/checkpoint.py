@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,13 @@ class TrainState:
     model_name: str = ""
     world_size: int = 0
     eval_pending: bool = False
+
+
+def default_run_name(cfg: Config) -> str:
+    """Stable across requeues and elastic restarts (job or rendezvous id), unique otherwise."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    stem = f"{Path(cfg.model.name_or_path).name}-{cfg.data.format}-{cfg.engine.kind}"
+    return f"{stem}-{job}" if job and job != "none" else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

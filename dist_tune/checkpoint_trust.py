@@ -15,11 +15,13 @@ import torch
 
 from dist_tune.errors import UserError
 
-# Globals beyond torch's weights-only defaults that honest checkpoints hold: DeepSpeed's loss scaler and ZeRO
-# stage in its optimizer files, NumPy's RNG state in rng_rank*.pt of checkpoints written before it was tensors.
+# Globals beyond torch's weights-only defaults that honest checkpoints hold: DeepSpeed's loss scaler, ZeRO stage
+# and (ZeRO-1/2) parameter-slice addresses in its optimizer files, NumPy's RNG state in rng_rank*.pt of checkpoints
+# written before it was tensors.
 TORCH_FILE_GLOBALS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "numpy.dtype", "numpy.ndarray",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "numpy.dtype", "numpy.ndarray",
     "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType"})
 # What DCP's .metadata pickles: its own metadata classes, torch sizes and dtypes, and the storage layout.
 DCP_METADATA_GLOBALS = frozenset({

@@ -271,7 +271,7 @@ def shard_world(cfg: Config, world_size: int) -> int:
 def estimate(cfg: Config, world_size: int = 1, procs_per_node: int | None = None) -> Estimate:
     """Per-GPU memory at `world_size`, and host RAM per node with `procs_per_node` processes (default: all on one
     node, up to 8)."""
-    from dist_tune.engines import check_replicate_degree
+    from dist_tune.engines.registry import check_replicate_degree
 
     check_replicate_degree(cfg, world_size)
     cfg = on_bf16_gpu(cfg)

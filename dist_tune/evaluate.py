@@ -9,7 +9,8 @@ import torch
 
 from dist_tune import cluster, process_group
 from dist_tune.config import apply_overrides
-from dist_tune.data import build_datasets, prompt_ids
+from dist_tune.data.formats import prompt_ids
+from dist_tune.data.pipeline import build_datasets
 from dist_tune.engines.single import SingleEngine
 from dist_tune.errors import UserError
 from dist_tune.export import load_trained

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dist_tune.engines import zero3
+from dist_tune import zero3
 
 # Children through which peft wraps a HF module without changing its weights (LoRA/IA3 `base_layer`,
 # modules_to_save's `original_module` and `modules_to_save.<adapter>` copy, LLaMA-Adapter's wrapped `model`).

@@ -21,6 +21,7 @@ from dist_tune import cluster
 from dist_tune.config import Config
 from dist_tune.data.sources import HUB, load_records, resolve_path
 from dist_tune.errors import UserError
+from dist_tune.schedule import steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,6 @@ def training_rows(cfg: Config, rows: int) -> tuple[int, str]:
     return rows - held, f"{rows - held:,} for training, {held:,} held out by data.validation_split"
 
 
-def steps_per_epoch(micro_batches: int, grad_accum: int) -> int:
-    """Optimizer steps in one pass over a rank's `micro_batches` training batches (at least one, or a UserError)."""
-    steps = micro_batches // grad_accum
-    if steps < 1:
-        raise UserError(f"the training set gives {micro_batches} micro-batches per rank, fewer than "
-                        f"train.grad_accum={grad_accum}; use more data or a smaller batch")
-    return steps
-
-
 def steps_line(cfg: Config, train_rows: int | None, world: int, data: str) -> str:
     """Optimizer steps and epochs, as the trainer counts them (whole micro-batches per rank, then grad_accum)."""
     t = cfg.train
@@ -138,9 +130,8 @@ def memory_lines(cfg: Config, where: Layout) -> list[tuple[str, str]]:
 
 
 def run_dir_lines(cfg: Config) -> list[tuple[str, str]]:
-    from dist_tune.run import default_run_name
 
-    name = cfg.train.run_name or default_run_name(cfg)
+    name = cfg.train.run_name or ckpt.default_run_name(cfg)
     run_dir = Path(cfg.train.output_dir) / name
     note = "" if cfg.train.run_name or not re.search(r"-\d{8}-\d{6}$", name) else \
         " (timestamped at launch; set train.run_name to fix it)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from dist_tune.config import Config
-from dist_tune.data import build_datasets, cache_dir
+from dist_tune.data.pipeline import build_datasets, cache_dir
 from dist_tune.data.mixture import Mixture
 from dist_tune.data.prepared import manifests_of
 from dist_tune.metrics import peak_host_rss_per_rank

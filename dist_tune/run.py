@@ -14,29 +14,24 @@ import torch.distributed as dist
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, hf_save, host_heap, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config, shards_parameters
-from dist_tune.data import build_datasets, build_loader, cache_dir, prepare_once
-from dist_tune.engines import build_engine
+from dist_tune.data.loader import build_loader
+from dist_tune.data.once import prepare_once
+from dist_tune.data.pipeline import build_datasets, cache_dir
+from dist_tune.engines.registry import build_engine
 from dist_tune.engines.base import Engine
 from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer, model_config,
                               settle_padding_free)
 from dist_tune.optim import optimizer_factory, scheduler_factory
 from dist_tune.peft import build_model, is_peft_model
-from dist_tune.plan import steps_per_epoch
-from dist_tune.trainer import Trainer, total_steps
+from dist_tune.schedule import steps_per_epoch, total_steps
+from dist_tune.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def default_run_name(cfg: Config) -> str:
-    """Stable across requeues and elastic restarts (job or rendezvous id), unique otherwise."""
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    stem = f"{Path(cfg.model.name_or_path).name}-{cfg.data.format}-{cfg.engine.kind}"
-    return f"{stem}-{job}" if job and job != "none" else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def resolve_run_dir(cfg: Config) -> Path:
     """Rank 0 picks the run name; every rank gets the same directory."""
-    name = [cfg.train.run_name or default_run_name(cfg)]
+    name = [cfg.train.run_name or ckpt.default_run_name(cfg)]
     if dist.is_initialized():
         dist.broadcast_object_list(name, src=0)
     cfg.train.run_name = name[0]

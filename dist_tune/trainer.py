@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 
 from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config
-from dist_tune.data import build_loader
+from dist_tune.data.loader import build_loader
 from dist_tune.engines.base import Engine
 from dist_tune.errors import TrainingError
-from dist_tune.plan import steps_per_epoch
+from dist_tune.schedule import steps_per_epoch, total_steps
 from dist_tune.generation import generation_eval, write_generations
 from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
 from dist_tune.preemption import PreemptionHandler
@@ -304,10 +304,6 @@ class Trainer:
         history["stopped"] = stopped or "completed"
         history.update(steps=self.state.step, total_steps=total, skipped_steps=self.state.skipped_steps)
         return history
-
-
-def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
 CONFUSION_FILE = "confusion_matrix.json"

@@ -15,7 +15,7 @@ import torch
 from dist_tune import init_weights
 from dist_tune.checkpoint import read_state
 from dist_tune.config import Config
-from dist_tune.engines import zero3
+from dist_tune import zero3
 from dist_tune.engines.base import Engine, OptimizerFactory, SchedulerFactory, param_groups
 from dist_tune.engines.parallelize import apply_common
 from dist_tune.errors import UserError

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from dist_tune import cluster, process_group
 from dist_tune.config import load_config
-from dist_tune.engines import zero3
+from dist_tune import zero3
 from dist_tune.engines.deepspeed import DeepSpeedEngine
 from dist_tune.engines.fsdp import FSDPEngine
 from dist_tune.models import load_tokenizer, model_config

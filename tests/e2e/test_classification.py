@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import dist_tune
-from dist_tune.data import load_records
+from dist_tune.data.sources import load_records
 
 pytestmark = pytest.mark.slow
 

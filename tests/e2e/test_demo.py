@@ -11,7 +11,7 @@ import pytest
 
 from dist_tune.cli import resolve_recipe
 from dist_tune.config import load_config
-from dist_tune.data import build_datasets
+from dist_tune.data.pipeline import build_datasets
 from dist_tune.data.formats import prompt_for
 from dist_tune.data.sources import load_records
 from dist_tune.generation import first_samples, format_answers

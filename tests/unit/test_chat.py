@@ -10,7 +10,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from dist_tune.config import Config, ConfigError, load_config
-from dist_tune.data import build_datasets, load_records, make_collator, prompt_ids
+from dist_tune.data.collate import make_collator
+from dist_tune.data.formats import prompt_ids
+from dist_tune.data.pipeline import build_datasets
+from dist_tune.data.sources import load_records
 from dist_tune.data.chat import DEFAULT_CHAT_TEMPLATE, chat_prompt
 from dist_tune.errors import DataError
 

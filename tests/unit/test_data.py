@@ -11,8 +11,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from dist_tune.config import Config
-from dist_tune.data import (ResumableSampler, build_datasets, build_loader, load_records, make_collator,
-                            prompt_for)
+from dist_tune.data.collate import make_collator
+from dist_tune.data.formats import prompt_for
+from dist_tune.data.loader import build_loader
+from dist_tune.data.pipeline import build_datasets
+from dist_tune.data.sampler import ResumableSampler
+from dist_tune.data.sources import load_records
 from dist_tune.errors import DataError
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "dist_tune" / "assets" / "tokenizer"

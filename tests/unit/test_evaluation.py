@@ -61,7 +61,7 @@ def test_a_rank_with_no_validation_rows_still_runs_the_other_ranks_forward_count
     gather weights in every forward); it uses the set's first batch as the filler."""
     from dist_tune.cluster import ClusterEnv
     from dist_tune.config import load_config
-    from dist_tune.data import build_datasets
+    from dist_tune.data.pipeline import build_datasets
     from dist_tune.models import load_tokenizer
     from dist_tune.trainer import evaluate
 

@@ -13,7 +13,8 @@ from rouge_score import rouge_scorer
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dist_tune.config import Config
-from dist_tune.data import build_datasets, prompt_ids
+from dist_tune.data.formats import prompt_ids
+from dist_tune.data.pipeline import build_datasets
 from dist_tune.data.chat import ensure_chat_template
 from dist_tune.generation import first_samples, generation_eval, generation_metrics, greedy_decode, split_example
 

@@ -11,7 +11,8 @@ import yaml
 from transformers import AutoTokenizer
 
 from dist_tune.config import ConfigError, config_from_dict, dump_config, load_config
-from dist_tune.data import build_datasets, build_loader
+from dist_tune.data.loader import build_loader
+from dist_tune.data.pipeline import build_datasets
 from dist_tune.data.mixture import Mixture, draws
 from dist_tune.errors import DataError
 

@@ -108,7 +108,7 @@ def test_a_plain_process_gets_a_group_of_one_for_deepspeed(monkeypatch):
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_world_of_one_under_torchrun_builds_ddp_and_fsdp_but_a_plain_process_is_told_to_use_torchrun(kind):
     from dist_tune.config import load_config
-    from dist_tune.engines import build_engine
+    from dist_tune.engines.registry import build_engine
 
     cfg = load_config(overrides={"engine.kind": kind})
     engine = build_engine(cfg, rank(0, 1), torch.device("cpu"))

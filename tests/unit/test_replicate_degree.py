@@ -6,7 +6,7 @@ import torch
 
 from dist_tune.cluster import ClusterEnv
 from dist_tune.config import ConfigError, load_config
-from dist_tune.engines import build_engine
+from dist_tune.engines.registry import build_engine
 from dist_tune.engines.deepspeed import ds_config
 from dist_tune.errors import UserError
 

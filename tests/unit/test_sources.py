@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from dist_tune.config import Config
-from dist_tune.data import build_datasets, load_records
+from dist_tune.data.pipeline import build_datasets
+from dist_tune.data.sources import load_records
 from dist_tune.errors import DataError
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "dist_tune" / "assets" / "tokenizer"
