@@ -37,16 +37,18 @@ def test_default_step_stays_well_ahead_of_hf_trainer(tmp_path, capsys):
     assert speedup >= MIN_SPEEDUP
 
 
-MAX_LOAD_RATIO, MAX_PEAK_RATIO = 0.6, 1.1  # at 2 ranks; measured 0.52-0.54 and 0.93-0.94 on a 2-core Xeon
+# at 2 ranks; measured 0.51-0.59 and 0.80-0.85 on a 2-core Xeon (12 layers), where a rank holding the whole
+# model scores >= 1 at the end of loading
+MAX_LOAD_RATIO, MAX_PEAK_RATIO = 0.75, 1.25
 
 
 def test_sharded_lora_ranks_hold_their_share_of_a_small_checkpoint(tmp_path, capsys):
-    """FSDP and ZeRO-3 LoRA at 2 ranks on a 0.2 GiB checkpoint (1024 wide, 8 layers): at the end of loading each
+    """FSDP and ZeRO-3 LoRA at 2 ranks on a 0.3 GiB checkpoint (1024 wide, 12 layers): at the end of loading each
     rank holds about half the checkpoint, and at its peak (gathered blocks and activations weigh more next to so
     small a model) less than the whole, where a rank that materialised the model would hold it and more."""
     result = tmp_path / "host_memory.json"
     benchmark("host_memory.py", "--engines", "fsdp,zero3", "--methods", "lora", "--world-sizes", "2", "--hidden",
-              "1024", "--layers", "8", "--intermediate", "2816", "--cache", str(tmp_path / "cache"),
+              "1024", "--layers", "12", "--intermediate", "2816", "--cache", str(tmp_path / "cache"),
               "--json-out", str(result), "--results-md", "")
     rows = json.loads(result.read_text())["rows"]
     with capsys.disabled():
