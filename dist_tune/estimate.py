@@ -171,10 +171,6 @@ class BytesPerParam:
     grads: float  # a trainable parameter's gradient
     optimizer: float  # optimizer states (+ DeepSpeed's fp32 master copy) of a trainable parameter
 
-    @property
-    def trainable_total(self) -> float:
-        return self.weights + self.grads + self.optimizer
-
 
 def on_bf16_gpu(cfg: Config) -> Config:
     """The config with `auto` model.dtype / engine.mixed_precision as they resolve on a bf16 GPU."""

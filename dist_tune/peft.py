@@ -12,8 +12,6 @@ from dist_tune.models import count_parameters, decoder_layers, load_model
 
 log = logging.getLogger(__name__)
 
-ADAPTER_METHOD = "LLaMA-Adapter (peft AdaptionPromptConfig): gated adaption prompts in the top layers"
-
 
 def _task_type(cfg: Config) -> str:
     return "CAUSAL_LM" if cfg.model.task == "causal_lm" else "SEQ_CLS"
