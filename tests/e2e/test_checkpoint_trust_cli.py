@@ -16,9 +16,10 @@ import torch
 from helpers import TINY, RunsCode, dist_tune
 from dist_tune.checkpoint import COMPLETE
 
+pytestmark = pytest.mark.slow  # a dozen training runs; the unit tests in test_checkpoint_trust.py are quick
+
 ENGINES = {"single": ([], 1), "fsdp": (["--engine.kind=fsdp"], 2),
            "zero3": (["--engine.kind=deepspeed", "--engine.zero_stage=3"], 2)}
-SLOW_ENGINES = [pytest.param(e, marks=pytest.mark.slow) for e in ("fsdp", "zero3")]
 CHECKPOINT = Path("checkpoints/step_00000002")
 
 
@@ -55,7 +56,7 @@ def refused(proc, line_start: str) -> None:
     assert not re.search(r'File ".*dist_tune/', proc.stderr), proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("engine", ["single", *SLOW_ENGINES])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_a_planted_rng_pickle_does_not_run_on_resume(engine, trained, tmp_path):
     run = copy_run(trained, engine, tmp_path, "run")
     marker = tmp_path / "ran"
@@ -65,7 +66,6 @@ def test_a_planted_rng_pickle_does_not_run_on_resume(engine, trained, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("engine, target", [("fsdp", "dcp/.metadata"),
                                             ("zero3", "deepspeed/state/zero_pp_rank_0_mp_rank_00_model_states.pt")])
 def test_planted_library_pickles_do_not_run_on_resume_or_export(engine, target, trained, tmp_path):
@@ -84,7 +84,7 @@ def test_planted_library_pickles_do_not_run_on_resume_or_export(engine, target, 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("engine", ["single", *SLOW_ENGINES])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_a_flipped_byte_is_refused_by_resume_and_export_unless_verification_is_off(engine, trained, tmp_path):
     run = copy_run(trained, engine, tmp_path, "run")
     shard = max((p for p in (run / CHECKPOINT).rglob("*") if p.is_file() and p.suffix in (".pt", ".distcp")),
