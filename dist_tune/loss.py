@@ -57,15 +57,20 @@ def _head_ce_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Ten
     return _ce_sum(head(hidden), targets)
 
 
+def target_rows(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, targets) at the positions that have a target, flattened. hidden (batch, positions, width)
+    may hold leading positions that `targets` lacks (prompt tuning's virtual tokens)."""
+    targets = F.pad(targets, (hidden.shape[1] - targets.shape[1], 0), value=IGNORE)
+    real = targets != IGNORE
+    return hidden[real], targets[real]
+
+
 def chunked_head_ce_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
                         chunk: int) -> torch.Tensor:
     """Sum of cross-entropies of `head(hidden)` against `targets` (IGNORE: no target), over the target positions
-    only, `chunk` positions at a time; each chunk's logits are recomputed in backward, so neither the logits nor
-    their gradient ever exist for more than one chunk. hidden (batch, positions, width) may hold leading positions
-    that `targets` lacks (prompt tuning's virtual tokens)."""
-    targets = F.pad(targets, (hidden.shape[1] - targets.shape[1], 0), value=IGNORE)
-    real = targets != IGNORE
-    rows, targets = hidden[real], targets[real]
+    only (target_rows), `chunk` positions at a time; each chunk's logits are recomputed in backward, so neither the
+    logits nor their gradient ever exist for more than one chunk."""
+    rows, targets = target_rows(hidden, targets)
     if rows.shape[0] <= chunk:
         return _head_ce_sum(head, rows, targets)
     return sum(checkpoint(_head_ce_sum, head, rows[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
@@ -93,9 +98,8 @@ class ChunkedHeadLoss:
             return self._logits(hidden)
         if self.fused is None:
             return chunked_head_ce_sum(self._logits, hidden, self.targets, self.chunk)
-        targets = F.pad(self.targets, (hidden.shape[1] - self.targets.shape[1], 0), value=IGNORE)
-        real = targets != IGNORE
-        return self.fused(self._head.weight, hidden[real], targets[real], self._head.bias)
+        rows, targets = target_rows(hidden, self.targets)
+        return self.fused(self._head.weight, rows, targets, self._head.bias)
 
     @contextlib.contextmanager
     def computing(self, targets: torch.Tensor) -> Iterator[None]:
