@@ -223,7 +223,7 @@ def run_dt(args: argparse.Namespace, workdir: str) -> dict:
         clock.examples.append(sum(s[2] for s in stats))
         clock.losses.append(result.loss)
         assert clock.tokens[-1] == result.tokens, (clock.tokens[-1], result.tokens)
-        seen.update(rows=len(self.loader.dataset), optimizer=self.engine.optimizer)
+        seen.update(rows=len(self.batches.loader.dataset), optimizer=self.engine.optimizer)
         return result
 
     Trainer.train_step = timed_step  # this worker process runs nothing else

@@ -9,6 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +18,14 @@ from dist_tune import checkpoint_trust as trust
 from dist_tune.errors import UserError
 from dist_tune.host_heap import returning_large_frees
 
+if TYPE_CHECKING:
+    from dist_tune.config import Config
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+DATA_STATE = "data_rank{rank}.pt"  # a streaming run's place in each rank's share of the stream
 FINISHED = "summary.json"  # metrics.SUMMARY_NAME: written when a run ends
 
 
@@ -164,8 +169,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int | None) -> Path:
-    """Collective: every rank writes its part into step_N.tmp; rank 0 marks it complete and renames it."""
+def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int | None,
+                    data_state: dict | None = None) -> Path:
+    """Collective: every rank writes its part into step_N.tmp (with `data_state`, its place in a data stream);
+    rank 0 marks it complete and renames it."""
     final = step_dir(run_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
     rank = engine.env.rank
@@ -176,6 +183,8 @@ def save_checkpoint(engine, state: TrainState, run_dir: Path, total_limit: int |
     with returning_large_frees():
         engine.save(tmp)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if data_state is not None:
+        torch.save(data_state, tmp / DATA_STATE.format(rank=rank))
     engine.barrier()
     trust.write_share(tmp, rank, engine.env.world_size, exclude=(STATE_FILE, COMPLETE))
     engine.barrier()
@@ -227,6 +236,25 @@ def verify_checkpoint(path: Path, verify: bool, rank: int, world_size: int) -> N
     problem = next((f for f in found if f), None)
     if problem:
         raise trust.integrity_error(path, problem)
+
+
+def check_data_resume(path: Path, streaming: bool, world_size: int) -> None:
+    """A streamed run resumes from a streamed checkpoint at the world size that saved it (each rank's place is in
+    its own share of the stream); a prepared-data run from one that was not streamed. Cheap: before any model."""
+    streamed = (path / DATA_STATE.format(rank=0)).is_file()
+    if streamed != streaming:
+        raise UserError(f"checkpoint {path} was saved by a run with data.streaming={str(streamed).lower()}; set "
+                        f"data.streaming={str(streamed).lower()} to resume it, or use a new train.run_name")
+    saved = read_state(path).world_size
+    if streaming and saved != world_size:
+        raise UserError(f"checkpoint {path} streamed its data on {saved} ranks and a streamed run resumes only on "
+                        f"as many (each rank's place is in its own share of the stream); run on {saved} ranks, or "
+                        "use a new train.run_name")
+
+
+def read_data_state(path: Path, rank: int) -> dict:
+    """This rank's place in the data stream, as a streaming run saved it."""
+    return torch.load(path / DATA_STATE.format(rank=rank), weights_only=True)
 
 
 def load_checkpoint(engine, path: Path) -> TrainState:

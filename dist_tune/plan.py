@@ -166,7 +166,8 @@ def plan(cfg: Config, changes: list[str], where: Layout) -> list[tuple[str, str]
         raise UserError(f"engine.kind=single cannot run in {world} processes; use ddp, fsdp or deepspeed")
     batch = t.micro_batch_size * t.grad_accum * world
     mixture = f"a mixture of {len(cfg.data.sources)} data.sources" if cfg.data.sources else None
-    rows = None if mixture else count_rows(cfg.data.path, cfg.data.split)
+    streamed = "streamed (data.streaming): read as it trains, not counted" if cfg.data.streaming else None
+    rows = None if mixture or streamed else count_rows(cfg.data.path, cfg.data.split)
     train_rows, split = training_rows(cfg, rows) if rows is not None else (None, "")
     tokens = (f"{batch * cfg.data.max_length:,} (packed rows of data.max_length={cfg.data.max_length})" if cfg.data.pack
               else f"at most {batch * cfg.data.max_length:,} (global batch × data.max_length={cfg.data.max_length})")
@@ -177,7 +178,7 @@ def plan(cfg: Config, changes: list[str], where: Layout) -> list[tuple[str, str]
         ("global batch", f"{batch:,} sequences = micro {t.micro_batch_size} × accumulation {t.grad_accum} × "
                          f"data-parallel {world}"),
         ("tokens per step", tokens),
-        ("data", f"{mixture}: not counted" if mixture else
+        ("data", f"{mixture or cfg.data.path}: {streamed}" if streamed else f"{mixture}: not counted" if mixture else
          f"{cfg.data.path}: " + (f"{rows:,} rows, {split}" if rows is not None else "not counted (hub)")),
         ("steps", steps_line(cfg, train_rows, world, mixture or cfg.data.path)),
         *memory_lines(cfg, where),

@@ -31,7 +31,8 @@ def prepare_data(cfg: Config) -> dict:
     check_sequence_length(cfg, tokenizer)
     train, val = build_datasets(cfg, tokenizer)
     cache = cache_dir(cfg)
-    report = {"cache_dir": str(cache), "max_length": cfg.data.max_length, "packed": cfg.data.pack}
+    report = {"cache_dir": str(cache), "max_length": cfg.data.max_length, "packed": cfg.data.pack,
+              "streamed": cfg.data.streaming}
     for role, rows in (("train", train), ("validation", val)):
         if rows is not None:
             report.update(_role_report(role, manifests_of(cache, rows.rows if isinstance(rows, Mixture) else rows)))
@@ -42,7 +43,8 @@ def prepare_data(cfg: Config) -> dict:
 
 def format_report(report: dict) -> str:
     """Human-readable lines: one per role, then the cache directory."""
-    lines = []
+    lines = ["train: streamed (data.streaming): read, tokenized and packed while training, so nothing to prepare"
+             ] if report.get("streamed") else []
     for role in ("train", "validation"):
         if f"{role}_rows" not in report:
             continue

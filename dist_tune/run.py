@@ -3,8 +3,6 @@ trainer → final export."""
 from __future__ import annotations
 
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +12,11 @@ import torch.distributed as dist
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, hf_save, host_heap, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config, shards_parameters
-from dist_tune.data.loader import build_loader
+from dist_tune.data.collate import make_collator
+from dist_tune.data.loader import EpochBatches, build_loader
 from dist_tune.data.once import prepare_once
 from dist_tune.data.pipeline import build_datasets, cache_dir
+from dist_tune.data.stream import build_stream_batches
 from dist_tune.engines.registry import build_engine
 from dist_tune.engines.base import Engine
 from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer, model_config,
@@ -144,6 +144,17 @@ def resume_state(engine: Engine, path: Path | None, model_name: str) -> ckpt.Tra
     return state
 
 
+def training_batches(cfg: Config, tokenizer, train_set, env: cluster.ClusterEnv) -> tuple[Any, int]:
+    """This rank's training micro-batches and the run's optimizer steps: epochs of the prepared rows, or a stream
+    read as it trains (data.streaming, for train.max_steps)."""
+    if cfg.data.streaming:
+        batches = build_stream_batches(cfg, tokenizer, make_collator(cfg, tokenizer), env.rank, env.world_size)
+        return batches, cfg.train.max_steps
+    loader, _ = build_loader(train_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=True,
+                             seed=cfg.train.seed)
+    return EpochBatches(loader, env.world_size), total_steps(cfg, steps_per_epoch(len(loader), cfg.train.grad_accum))
+
+
 def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, run_dir: Path) -> Trainer:
     """Everything the loop needs, built in dependency order. Rank 0 must hold run_dir's lock (run_lock.hold)."""
     engine = build_engine(cfg, env, device)
@@ -151,14 +162,13 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     resume_from = ckpt.resume_checkpoint(run_dir, cfg.train.resume, cfg.model.name_or_path)
     if resume_from is not None:
         ckpt.verify_checkpoint(resume_from, cfg.checkpoint.verify, env.rank, env.world_size)
+        ckpt.check_data_resume(resume_from, cfg.data.streaming, env.world_size)
     rank0_first(engine, lambda: fetch_model(cfg), per_node=True)  # one download per node; the rest read the cache
     tokenizer = load_tokenizer(cfg)
     check_sequence_length(cfg, tokenizer)
     settle_padding_free(cfg, tokenizer)
     train_set, val_set = prepare_once(env, cache_dir(cfg), lambda: build_datasets(cfg, tokenizer))
-    loader, _ = build_loader(train_set, cfg, tokenizer, rank=env.rank, world_size=env.world_size, shuffle=True,
-                             seed=cfg.train.seed)
-    steps = total_steps(cfg, steps_per_epoch(len(loader), cfg.train.grad_accum))
+    batches, steps = training_batches(cfg, tokenizer, train_set, env)
     with engine.construction(model_config(cfg, tokenizer)):
         model = build_model(cfg, tokenizer, engine.init_device())
     optimizer = optimizer_factory(cfg.optim, fused=device.type == "cuda" and not cfg.engine.cpu_offload,
@@ -166,11 +176,13 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
     engine.prepare(model, optimizer, scheduler_factory(cfg.optim, steps))
     handler = preemption.PreemptionHandler(env, device)
     state = resume_state(engine, resume_from, cfg.model.name_or_path)
+    if resume_from is not None and cfg.data.streaming:
+        batches.load_state_dict(ckpt.read_data_state(resume_from, env.rank))
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("run dir %s; engine %s on %s; %s; %d steps; MFU formula %s", run_dir, engine.name, engine.device,
              describe_batch(cfg, env), steps, flops_formula(cfg))
-    return Trainer(cfg, engine, loader, val_set, tokenizer, run_dir,
+    return Trainer(cfg, engine, batches, steps, val_set, tokenizer, run_dir,
                    metrics=metrics.MetricsLogger(cfg, run_dir, rank=env.rank, total_steps=steps, start_step=state.step),
                    preemption=handler, mfu=mfu_function(cfg, model, engine), state=state)
 

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
 from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config
-from dist_tune.data.loader import build_loader
+from dist_tune.data.loader import EpochBatches, build_loader
+from dist_tune.data.stream import StreamBatches
 from dist_tune.engines.base import Engine
 from dist_tune.errors import TrainingError
-from dist_tune.schedule import steps_per_epoch, total_steps
 from dist_tune.generation import generation_eval, write_generations
 from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
 from dist_tune.preemption import PreemptionHandler
@@ -100,12 +99,13 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @dataclass
 class Trainer:
-    """The loop; run.build_trainer builds everything it talks to. `loader` yields this rank's training
-    micro-batches (its sampler resumes mid-epoch), `state` is where training starts (fresh or resumed),
+    """The loop; run.build_trainer builds everything it talks to. `batches` gives this rank's training
+    micro-batches from where `state` says training is (fresh or resumed: mid-epoch, or mid-stream),
     `mfu` maps (tokens/s, mean example length, logit positions per token) to MFU or None."""
     cfg: Config
     engine: Engine
-    loader: DataLoader
+    batches: EpochBatches | StreamBatches
+    total_steps: int
     val_set: Any
     tokenizer: Any
     run_dir: Path
@@ -117,28 +117,12 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.causal = self.cfg.model.task == "causal_lm"
-        self.steps_per_epoch = steps_per_epoch(len(self.loader), self.cfg.train.grad_accum)
 
-    # --- schedule ----------------------------------------------------------
-    @property
-    def total_steps(self) -> int:
-        return total_steps(self.cfg, self.steps_per_epoch)
-
-    def _epoch_iterator(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.loader.sampler.set_epoch(self.state.epoch, consumed=self.state.samples_in_epoch)
-        return iter(self.loader)
-
-    def _next_micro_batches(self, it: Iterator) -> tuple[list[dict], Iterator, float]:
-        """grad_accum micro-batches for one step, moving to the next epoch when this one runs short."""
+    def _next_micro_batches(self) -> tuple[list[dict], float]:
+        """grad_accum micro-batches for one step, and the seconds spent waiting for them."""
         start = time.perf_counter()
-        per_rank = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum
-        if self.loader.sampler.share_length(self.state.samples_in_epoch) < per_rank:
-            self.state.epoch += 1
-            self.state.samples_in_epoch = 0
-            it = self._epoch_iterator()
-        batches = [next(it) for _ in range(self.cfg.train.grad_accum)]
-        self.state.samples_in_epoch += per_rank * self.engine.env.world_size
-        return batches, it, time.perf_counter() - start
+        batches = self.batches.take(self.state, self.cfg.train.grad_accum)
+        return batches, time.perf_counter() - start
 
     # --- one step ------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
@@ -168,7 +152,7 @@ class Trainer:
         metrics = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": self.engine.current_lr(),
                    "train/tokens_per_s": tokens_per_s, "train/samples_per_s": result.samples / max(elapsed, 1e-9),
                    "train/data_wait_s": result.data_wait_s, "train/compute_s": result.compute_s,
-                   "train/epoch": self.state.epoch + self.state.samples_in_epoch / self.loader.sampler.num_samples}
+                   "train/epoch": self.batches.epoch_progress(self.state)}
         metrics.update(self._peak_memory_over_ranks())
         tokens = max(result.tokens, 1)
         mfu = self.mfu(tokens_per_s, result.tokens / max(result.samples, 1), result.logit_positions / tokens)
@@ -234,7 +218,8 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint this step once (a periodic and a preemption save can fall on the same step)."""
         if self.last_saved_step != self.state.step:
-            ckpt.save_checkpoint(self.engine, self.state, self.run_dir, self.cfg.checkpoint.save_total_limit)
+            ckpt.save_checkpoint(self.engine, self.state, self.run_dir, self.cfg.checkpoint.save_total_limit,
+                                 data_state=self.batches.state_dict())
             self.last_saved_step = self.state.step
 
     def _should(self, every: int | None) -> bool:
@@ -282,7 +267,6 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to total_steps (or early stop / preemption); returns the run summary."""
         total = self.total_steps
-        it = self._epoch_iterator()
         history: dict[str, Any] = {}
         last_step_time = time.perf_counter()
         self.engine.model.train()  # from_pretrained returns eval mode; dropout belongs on from the first step
@@ -291,7 +275,7 @@ class Trainer:
                      self.state.step, total)
         stopped = self._evaluate_step(history) if self.state.eval_pending else None
         while stopped is None and self.state.step < total:
-            micro, it, wait = self._next_micro_batches(it)
+            micro, wait = self._next_micro_batches()
             result = self.train_step(micro)
             result.data_wait_s = wait
             self.state.step += 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,3 +38,42 @@ def build_loader(dataset, cfg: Config, tokenizer, *, rank: int, world_size: int,
                         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory, drop_last=shuffle,
                         worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed + rank))
     return loader, sampler
+
+
+@dataclass
+class EpochBatches:
+    """This rank's training micro-batches from a prepared dataset, epoch after epoch; its place is the
+    TrainState's (epoch, samples_in_epoch), which `take` advances."""
+
+    loader: DataLoader
+    world_size: int
+
+    def __post_init__(self) -> None:
+        self._it = None
+
+    @property
+    def sampler(self) -> ResumableSampler:
+        return self.loader.sampler
+
+    def _start_epoch(self, state) -> None:
+        self.sampler.set_epoch(state.epoch, consumed=state.samples_in_epoch)
+        self._it = iter(self.loader)
+
+    def take(self, state, count: int) -> list[dict]:
+        """`count` micro-batches, moving to the next epoch when this one runs short."""
+        per_rank = self.loader.batch_size * count
+        if self._it is None:
+            self._start_epoch(state)
+        if self.sampler.share_length(state.samples_in_epoch) < per_rank:
+            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+            self._start_epoch(state)
+        batches = [next(self._it) for _ in range(count)]
+        state.samples_in_epoch += per_rank * self.world_size
+        return batches
+
+    def epoch_progress(self, state) -> float:
+        return state.epoch + state.samples_in_epoch / self.sampler.num_samples
+
+    def state_dict(self) -> None:
+        """Nothing beyond the TrainState: the sampler's order is a function of (seed, epoch)."""
+        return None

@@ -200,6 +200,32 @@ def _build_mixture(cfg: Config, tokenizer) -> tuple[Mixture, datasets.Dataset | 
     return mixture, datasets.concatenate_datasets(vals) if vals else None
 
 
+def _validation_rows(cfg: Config, tokenizer, path: str, key: str) -> datasets.Dataset:
+    """The prepared rows of validation source `path` alone (the train rows are streamed)."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path, validation_path=None,
+                                                            validation_split=0.0, streaming=False))
+    _check_config(cfg)
+    raw = _load(cfg, path, key, "validation")
+    fingerprint = _fingerprint(cfg, tokenizer, "validation", None, {"path": _source_identity(path, raw)})
+    done = prepared.load(cache_dir(cfg), "validation", fingerprint)
+    if done is not None:
+        return done
+    return _tokenize(_prepare(raw, cfg, None, path), cfg, tokenizer, "validation", None, path, fingerprint)
+
+
+def _streamed_validation(cfg: Config, tokenizer) -> datasets.Dataset | None:
+    """data.streaming: the validation rows of data.validation_path (or each source's), prepared as usual; a
+    stream has no size to hold a data.validation_split fraction out of, so without one there is none."""
+    configs = [source_config(cfg, s) for s in cfg.data.sources] or [cfg]
+    keys = [f"data.sources[{i}].validation_path" for i in range(len(cfg.data.sources))] or ["data.validation_path"]
+    parts = [_validation_rows(c, tokenizer, c.data.validation_path, key)
+             for c, key in zip(configs, keys) if c.data.validation_path]
+    if not parts and cfg.data.validation_split > 0:
+        log.info("data.streaming: no validation rows (a stream has no size to hold data.validation_split out of); "
+                 "set data.validation_path to evaluate")
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else None)
+
+
 def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset | Mixture, datasets.Dataset | None]:
     """Train and validation datasets of model-ready rows: `input_ids`, `labels` and, when packed, `position_ids`.
 
@@ -207,9 +233,12 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[datasets.Dataset | Mixture, 
     data.validation_split hold-out seeded by train.seed, else is None. Classification labels are a ClassLabel
     feature (`train.features['labels'].names`). format=chat gives a tokenizer without a chat_template the
     default one (chat.DEFAULT_CHAT_TEMPLATE). With data.sources the train set is a Mixture and validation the
-    union of each source's validation rows."""
+    union of each source's validation rows. With data.streaming the train rows are None (each rank streams its
+    own, see data.stream) and validation comes from validation_path alone."""
     if "chat" in data_formats(cfg):
         chat.ensure_chat_template(tokenizer)
+    if cfg.data.streaming:
+        return None, _streamed_validation(cfg, tokenizer)
     if cfg.data.sources:
         return _build_mixture(cfg, tokenizer)
     _check_config(cfg)
