@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-procs", default="1,2", help="data.num_proc / datasets num_proc values, comma list")
     p.add_argument("--packed", choices=("true", "false", "both"), default="true", help="data.pack of the cold runs")
     p.add_argument("--ranks", default="1,2", help="world sizes of the warm starts, comma list")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time load_dataset + map on each corpus (--no-baseline: the dist_tune runs alone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dist_tune_data_scale"),
                    help="where the corpora are written once and the runs' caches go")
@@ -306,7 +308,7 @@ def measure_size(args: argparse.Namespace, label: str, tokens: int, words: np.nd
     work = Path(args.cache) / "work" / label
     shutil.rmtree(work, ignore_errors=True)
     rows = []
-    for n in args.num_proc_list:
+    for n in args.num_proc_list if args.baseline else []:
         rows.append(base(entry["path"], work / f"baseline-np{n}", n, args.timeout))
         print(f"{label}: baseline num_proc={n}: {rows[-1]}", flush=True)
     kept = {}  # packed -> (cache dir, num_proc) of its first successful preparation, for the warm starts

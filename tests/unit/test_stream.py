@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from dist_tune import checkpoint as ckpt
 from dist_tune.config import Config, ConfigError, SourceConfig, apply_overrides
 from dist_tune.data.collate import make_collator
 from dist_tune.data.pipeline import build_datasets
 from dist_tune.data.stream import build_stream_batches, train_stream
-from dist_tune.errors import DataError
+from dist_tune.errors import DataError, UserError
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "dist_tune" / "assets" / "tokenizer"
 WORDS = "the quick brown fox jumps over a lazy dog while seven red birds sing softly near old stone walls".split()
@@ -90,13 +91,14 @@ def test_ranks_read_disjoint_shares_that_cover_the_stream(tmp_path, tok, caplog,
     assert abs(len(shares[0]) - len(shares[1])) <= 10
 
 
-@pytest.mark.parametrize("pack, stop_after", [(True, 7), (True, 23), (False, 9), (False, 31)])
+@pytest.mark.parametrize("pack, stop_after", [(True, 11), (False, 23)])
 def test_a_saved_place_resumes_on_exactly_the_next_batch(tmp_path, tok, pack, stop_after):
-    """Through the end of an epoch and into the next: 40 short records give ~12 packed or 20 plain batches."""
+    """Stopped just before (packed) or after (plain) the end of an epoch: 40 short records give ~12 packed or 20
+    plain batches."""
     path = write_shards(tmp_path / "shards", 2, 20)
     cfg = stream_cfg(tmp_path, path, pack=pack)
     straight = batches_for(cfg, tok)
-    expected = [straight.next_batch() for _ in range(stop_after + 30)]
+    expected = [straight.next_batch() for _ in range(stop_after + 12)]
     assert straight.epoch >= 1
     first = batches_for(cfg, tok)
     for _ in range(stop_after):
@@ -148,3 +150,20 @@ def test_a_streamed_record_without_the_text_field_names_it(tmp_path, tok):
         batches_for(cfg, tok).next_batch()
     assert str(err.value) == (f"streamed records of '{path}' have no field 'body' (fields: text); set "
                               "data.text_field to the field that holds it")
+
+
+def test_a_streamed_checkpoint_resumes_only_streamed_and_at_its_world_size(tmp_path):
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    ckpt.write_state(step, ckpt.TrainState(step=4), world_size=2)
+    torch.save({"epoch": 0}, step / ckpt.DATA_STATE.format(rank=0))
+    ckpt.check_data_resume(step, streaming=True, world_size=2)
+    with pytest.raises(UserError) as other_size:
+        ckpt.check_data_resume(step, streaming=True, world_size=4)
+    assert str(other_size.value) == (
+        f"checkpoint {step} streamed its data on 2 ranks and a streamed run resumes only on as many (each rank's "
+        "place is in its own share of the stream); run on 2 ranks, or use a new train.run_name")
+    with pytest.raises(UserError) as prepared:
+        ckpt.check_data_resume(step, streaming=False, world_size=2)
+    assert str(prepared.value) == (f"checkpoint {step} was saved by a run with data.streaming=true; set "
+                                   "data.streaming=true to resume it, or use a new train.run_name")
