@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from dist_tune.config import Config
 from dist_tune.data.pipeline import build_datasets
 from dist_tune.data.sources import load_records
+from dist_tune.data.stream import train_stream
 from dist_tune.errors import DataError
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "dist_tune" / "assets" / "tokenizer"
@@ -153,3 +154,16 @@ def test_local_files_are_memory_mapped_arrow_and_their_errors_name_the_fix(tmp_p
                                         r"byte: byte 0xe9\); re-encode it as UTF-8$"):
         build_datasets(cfg_for(tmp_path, str(tmp_path / "latin1.jsonl"), "text"),
                        AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))
+
+
+def test_hub_dataset_streams_offline_the_rows_it_would_prepare(hub):
+    """data.streaming on `hf:acme/chats`: the chat rows as the prepared path encodes them, in order; validation
+    from the dataset's validation split, prepared."""
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    cfg = cfg_for(hub, "hf:acme/chats", validation_path="hf:acme/chats")
+    prepared, _ = build_datasets(cfg, tok)
+    cfg.data.streaming = True
+    train, val = build_datasets(cfg, tok)
+    assert train is None and len(val) == 2
+    streamed = [dict(row) for row in train_stream(cfg, tok, 0, 1)]
+    assert streamed == [dict(row) for row in prepared]
