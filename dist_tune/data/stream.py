@@ -87,11 +87,11 @@ def encode_records(batch: dict, indices: list[int], *, cfg: Config, tokenizer, s
     encode = functools.partial(ENCODERS[cfg.data.format], tokenizer=tokenizer, cfg=cfg)
     if cfg.data.format != "chat":
         return encode(batch)
-    column = batch[chat.messages_field(cfg, list(batch), source)]
+    where = f"{source} (streamed; rows counted in this rank's share)"
     rows = [i + 1 for i in indices]
-    turns = [chat.conversation(value, row, f"{source}' (streamed by this rank, record {row})'") for value, row
-             in zip(column, rows)]
-    return encode({chat.MESSAGES: turns, chat.ROW: rows}, source=source)
+    column = batch[chat.messages_field(cfg, list(batch), source)]
+    turns = [chat.conversation(value, row, where) for value, row in zip(column, rows)]
+    return encode({chat.MESSAGES: turns, chat.ROW: rows}, source=where)
 
 
 def _encoded(cfg: Config, key: str, rank: int, world_size: int, tokenizer) -> datasets.IterableDataset:
