@@ -59,15 +59,17 @@ def open_stream(cfg: Config, key: str) -> datasets.IterableDataset:
 
 
 def rank_share(stream: datasets.IterableDataset, rank: int, world_size: int, source: str) -> datasets.IterableDataset:
-    """This rank's share: whole shards when their count divides among the ranks, else every world_size-th
-    record of all of them (each rank then reads every shard); one INFO line says which."""
+    """This rank's share: whole shards when their count divides among the ranks, else one record in world_size of
+    all of them (each rank then reads every shard, and tokenizes only its own records); one INFO line says which."""
+    if world_size == 1:
+        return stream
     shards = stream.num_shards
-    if world_size > 1:
-        how = (f"whole shards per rank ({shards // world_size} of {shards} each)" if shards % world_size == 0
-               else f"interleaved: {shards} shard(s) do not divide among {world_size} ranks, so every rank reads "
-                    f"them all and keeps one record in {world_size}")
-        log.info("streaming '%s': %s", source, how)
-    return split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    if shards % world_size == 0:
+        log.info("streaming '%s': whole shards per rank (%d of %d each)", source, shards // world_size, shards)
+        return split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    log.info("streaming '%s': interleaved: %d shard(s) do not divide among %d ranks, so every rank reads them all "
+             "and keeps one record in %d", source, shards, world_size, world_size)
+    return stream.filter(lambda _, index: index % world_size == rank, with_indices=True)
 
 
 def _check_record(batch: dict, cfg: Config, source: str) -> None:
