@@ -37,6 +37,9 @@ def evaluate_run(run_dir: Path, overrides: dict, generate: bool = False) -> dict
     engine = SingleEngine(cfg, env, process_group.select_device(cfg.train.device, env))
     engine.model = model.to(engine.device)
     _, val_set = build_datasets(cfg, tokenizer)
+    if val_set is None:
+        raise UserError(f"run '{run_dir}' has no validation rows (data.validation_split=0, or streamed data without "
+                        "data.validation_path); pass --data.validation_path=FILE")
     evaluation = evaluate(cfg, engine, val_set, tokenizer)
     evaluation.write(run_dir)
     if evaluation.generations:

@@ -40,3 +40,9 @@ def test_a_streamed_run_resumes_on_the_next_row(tmp_path):
     assert resumed.keys() == {5, 6, 7, 8}
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight_losses[step], rel=1e-9), step
+
+    no_rows = dist_tune("eval", str(tmp_path / "straight"), "--data.validation_path=null", check=False)
+    assert no_rows.returncode == 2
+    assert no_rows.stderr.strip().splitlines()[-1] == (
+        f"dist-tune: error: run '{tmp_path / 'straight'}' has no validation rows (data.validation_split=0, or "
+        "streamed data without data.validation_path); pass --data.validation_path=FILE")
