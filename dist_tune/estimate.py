@@ -44,7 +44,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import AutoConfig
 
 from dist_tune.config import FP32_ADAPTER_METHODS, Config, loss_chunk_positions, resolve_precision, shards_parameters
-from dist_tune.models import load_tokenizer, model_config
+from dist_tune.models import count_parameters, load_tokenizer, model_config
 
 GIB = 1024 ** 3
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -106,12 +106,6 @@ def meta_model(cfg: Config) -> tuple[torch.nn.Module, object]:
     hf_cfg = architecture(cfg)
     with torch.device("meta"):
         return apply_peft(auto_class(cfg.model.task).from_config(hf_cfg), cfg), hf_cfg
-
-
-def counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameters."""
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def architecture(cfg: Config):
@@ -272,7 +266,7 @@ def estimate(cfg: Config, world_size: int = 1, procs_per_node: int | None = None
     check_replicate_degree(cfg, world_size)
     cfg = on_bf16_gpu(cfg)
     model, hf_cfg = meta_model(cfg)
-    total, trainable = counts(model)
+    total, trainable = count_parameters(model)
     precision = WEIGHT_BYTES[cfg.engine.mixed_precision]
     per = bytes_per_param(cfg)
     w, g, o = shard_factors(cfg.engine.kind, cfg.engine.zero_stage, shard_world(cfg, world_size))

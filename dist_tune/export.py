@@ -1,4 +1,6 @@
-"""Offline (single-process) consolidation of any engine's checkpoint, loading trained runs, adapter merging."""
+"""The HF directories a run writes: `final/` at the end of training (`export_final`, every rank of the job), and
+offline (one process) the export of any engine's checkpoint; loading trained runs, adapter merging. Both writers
+share the adapter and model writers (`write_adapter`, `write_model`)."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +14,7 @@ from dist_tune import checkpoint as ckpt
 from dist_tune import checkpoint_trust as trust
 from dist_tune import hf_save
 from dist_tune.config import Config, config_from_dict, qlora_compute_dtype, read_yaml
+from dist_tune.engines.base import Engine
 from dist_tune.errors import UserError
 from dist_tune.models import count_parameters, load_model, load_tokenizer
 from dist_tune.peft import build_model, is_peft_model
@@ -127,14 +130,52 @@ def export_checkpoint(run_dir: Path, out_dir: Path | None = None, checkpoint: Pa
     out.mkdir(parents=True, exist_ok=True)
     hf_save.clear_weights(out)
     if is_peft_model(model):
-        _export_adapter(model, read, key, out)
+        write_adapter(model, _trainable(model, read, key), out)
     elif all(key[name] in stored for name in hf_save.state_tensors(model)):
-        _export_model(model, read, key, out, cfg.checkpoint.max_shard_size)
+        tensors = [hf_save.FullTensor(n, tuple(t.shape), t.dtype, t.detach)
+                   for n, t in hf_save.state_tensors(model).items()]
+        write_model(model, tensors, out, cfg.checkpoint.max_shard_size,
+                    fetch=lambda group: _read_group(read, group, key))
     else:
         _export_frozen_run(build_model(cfg, tokenizer, torch.device("cpu")), read, key, out,
                            cfg.checkpoint.max_shard_size)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def export_final(engine: Engine, tokenizer, out_dir: Path) -> None:
+    """final/ at the end of training: a peft run's adapter directory, or the whole model as HF sharded
+    safetensors; no rank ever holds the whole model (see `_final_adapter`, `write_model`). Collective: every rank
+    calls it."""
+    if engine.env.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hf_save.clear_weights(out_dir)
+    engine.barrier()
+    if is_peft_model(engine.unwrap()):
+        _final_adapter(engine, tokenizer, out_dir)
+    else:
+        write_model(engine.unwrap(), engine.full_tensors(), out_dir, engine.cfg.checkpoint.max_shard_size,
+                    rank=engine.env.rank, world_size=engine.env.world_size)
+    if engine.env.rank == 0:
+        tokenizer.save_pretrained(str(out_dir))
+    engine.barrier()
+
+
+def _final_adapter(engine: Engine, tokenizer, out_dir: Path) -> None:
+    """peft's own adapter directory. Sharded engines gather only the trainable tensors (every rank takes part,
+    rank 0 keeps them) into the peft model rebuilt on the meta device (write_adapter); the others hold the whole
+    model on rank 0 already."""
+    if not engine.shards_state:
+        if engine.env.rank == 0:
+            engine.unwrap().save_pretrained(str(out_dir))
+        return
+    trained = {}
+    for tensor in engine.full_tensors(trainable_only=True):
+        value = tensor.gather()
+        if engine.env.rank == 0:
+            trained[tensor.name] = value.detach().to("cpu", tensor.dtype)
+    if engine.env.rank == 0:
+        write_adapter(build_model(engine.cfg, tokenizer, torch.device("meta")), trained, out_dir)
 
 
 def _read_group(read: Reader, group: Sequence[hf_save.FullTensor], key: dict[str, str]) -> list[torch.Tensor]:
@@ -148,19 +189,24 @@ def _trainable(model: torch.nn.Module, read: Reader, key: dict[str, str]) -> dic
     return {n: state[key[n]] for n in names}
 
 
-def _export_adapter(model: torch.nn.Module, read: Reader, key: dict[str, str], out: Path) -> None:
-    """The trained adapter tensors put into the meta-built peft model; peft's own save writes them."""
-    model.load_state_dict(_trainable(model, read, key), strict=False, assign=True)
+def write_adapter(model: torch.nn.Module, trained: dict[str, torch.Tensor], out: Path) -> None:
+    """peft's own adapter directory from the trained tensors put into the peft model built on the meta device,
+    so the frozen base is never gathered or read."""
+    unexpected = model.load_state_dict(trained, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"the rebuilt peft model has no parameters {unexpected[:3]}")
     model.save_pretrained(str(out), save_embedding_layers=False)  # the base embeddings were frozen
 
 
-def _export_model(model: torch.nn.Module, read: Reader, key: dict[str, str], out: Path, max_shard_size: str) -> None:
-    """The checkpoint's tensors streamed into HF sharded safetensors, one output file's worth at a time."""
-    tensors = [hf_save.FullTensor(n, tuple(t.shape), t.dtype, t.detach)
-               for n, t in hf_save.state_tensors(model).items()]
-    hf_save.write_sharded(out, tensors, max_shard_size=max_shard_size, total_parameters=count_parameters(model)[0],
-                          fetch=lambda group: _read_group(read, group, key))
-    hf_save.write_config(model, out, hf_save.saved_dtype(tensors))
+def write_model(model: torch.nn.Module, tensors: Sequence[hf_save.FullTensor], out: Path, max_shard_size: str, *,
+                rank: int = 0, world_size: int = 1, fetch: hf_save.Fetch = hf_save.gather_each) -> None:
+    """HF sharded safetensors of at most max_shard_size, one output file's tensors fetched at a time, file i written
+    by rank i % world size (hf_save.write_sharded), plus config.json and generation_config.json from rank 0.
+    Collective when the tensors are gathered from a sharded engine: every rank calls it."""
+    hf_save.write_sharded(out, tensors, rank=rank, world_size=world_size, max_shard_size=max_shard_size,
+                          total_parameters=count_parameters(model)[0], fetch=fetch)
+    if rank == 0:
+        hf_save.write_config(model, out, hf_save.saved_dtype(tensors))
 
 
 def _export_frozen_run(model: torch.nn.Module, read: Reader, key: dict[str, str], out: Path,

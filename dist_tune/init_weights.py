@@ -131,13 +131,23 @@ def initialise(model: torch.nn.Module, names: Iterable[str], seed: int) -> None:
 
 
 def shared_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:
-    """(second name, first name) of each parameter registered under several names (tied embeddings)."""
+    """(second name, first name) of each parameter registered under several names (tied embeddings: GPT-2's
+    `lm_head.weight` is `transformer.wte.weight`)."""
     first: dict[int, str] = {}
     pairs = []
     for name, param in model.named_parameters(remove_duplicate=False):
         if first.setdefault(id(param), name) != name:
             pairs.append((name, first[id(param)]))
     return pairs
+
+
+def tied_embeddings(model: torch.nn.Module) -> bool:
+    """Whether the input embedding and the output head share their weight (GPT-2, Llama-3.2); False for a model
+    without an output head (a classifier)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None:
+        return False
+    return not {id(p) for p in head.parameters()}.isdisjoint(map(id, embedding.parameters()))
 
 
 def materialise(model: torch.nn.Module, device: torch.device) -> None:

@@ -313,7 +313,7 @@ BLOCK_LISTS = ("layers", "layer", "h", "blocks")
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks of a HF model (peft-wrapped or not): Llama's `model.layers`, GPT-2's
     `transformer.h`, BERT's `bert.encoder.layer`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = init_weights.base_model(model)
     backbone = getattr(base, base.base_model_prefix, base)
     for holder in (backbone, getattr(backbone, "encoder", None), getattr(backbone, "decoder", None)):
         for attr in BLOCK_LISTS:

@@ -7,7 +7,6 @@ checked on a login node: `NNODES=2 NPROC_PER_NODE=8 dist-tune train RECIPE --dry
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -20,8 +19,9 @@ from dist_tune import checkpoint as ckpt
 from dist_tune import cluster
 from dist_tune.config import Config
 from dist_tune.data.sources import HUB, load_records, resolve_path
+from dist_tune.engines.registry import check_single_process
 from dist_tune.errors import UserError
-from dist_tune.schedule import steps_per_epoch
+from dist_tune.schedule import batch_terms, global_batch, steps_per_epoch, total_steps
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def steps_line(cfg: Config, train_rows: int | None, world: int, data: str) -> st
     if t.max_steps:
         epochs = t.max_steps / per_epoch
         return f"{t.max_steps:,} (train.max_steps) = {epochs:.2f} epochs of {per_epoch:,} steps{packed}"
-    return f"{math.ceil(t.epochs * per_epoch):,} = {per_epoch:,} steps per epoch × train.epochs={t.epochs:g}{packed}"
+    return f"{total_steps(cfg, per_epoch):,} = {per_epoch:,} steps per epoch × train.epochs={t.epochs:g}{packed}"
 
 
 def sharding(cfg: Config, world: int) -> str:
@@ -161,10 +161,9 @@ def wandb_line(cfg: Config) -> str:
 
 def plan(cfg: Config, changes: list[str], where: Layout) -> list[tuple[str, str]]:
     """(label, value) rows of the plan; `changes`: config.changed_values lines."""
-    t, world = cfg.train, where.world_size
-    if cfg.engine.kind == "single" and world > 1:
-        raise UserError(f"engine.kind=single cannot run in {world} processes; use ddp, fsdp or deepspeed")
-    batch = t.micro_batch_size * t.grad_accum * world
+    world = where.world_size
+    check_single_process(cfg, world)
+    batch = global_batch(cfg, world)
     mixture = f"a mixture of {len(cfg.data.sources)} data.sources" if cfg.data.sources else None
     streamed = "streamed (data.streaming): read as it trains, not counted" if cfg.data.streaming else None
     rows = None if mixture or streamed else count_rows(cfg.data.path, cfg.data.split)
@@ -175,8 +174,7 @@ def plan(cfg: Config, changes: list[str], where: Layout) -> list[tuple[str, str]
         ("world size",
          f"{world} = {where.num_nodes} node(s) × {where.per_node} process(es) per node ({where.source})"),
         ("mesh", sharding(cfg, world)),
-        ("global batch", f"{batch:,} sequences = micro {t.micro_batch_size} × accumulation {t.grad_accum} × "
-                         f"data-parallel {world}"),
+        ("global batch", f"{batch:,} sequences = {batch_terms(cfg, world)}"),
         ("tokens per step", tokens),
         ("data", f"{mixture or cfg.data.path}: {streamed}" if streamed else f"{mixture}: not counted" if mixture else
          f"{cfg.data.path}: " + (f"{rows:,} rows, {split}" if rows is not None else "not counted (hub)")),

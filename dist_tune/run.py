@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_tune import checkpoint as ckpt
-from dist_tune import cluster, hf_save, host_heap, metrics, preemption, process_group, run_lock
+from dist_tune import cluster, faults, host_heap, init_weights, metrics, preemption, process_group, run_lock
 from dist_tune.config import Config, dump_config, shards_parameters
 from dist_tune.data.collate import make_collator
 from dist_tune.data.loader import EpochBatches, build_loader
@@ -19,11 +19,12 @@ from dist_tune.data.pipeline import build_datasets, cache_dir
 from dist_tune.data.stream import build_stream_batches
 from dist_tune.engines.registry import build_engine
 from dist_tune.engines.base import Engine
+from dist_tune.export import export_final
 from dist_tune.models import (check_sequence_length, count_parameters, fetch_model, load_tokenizer, model_config,
                               settle_padding_free)
 from dist_tune.optim import optimizer_factory, scheduler_factory
-from dist_tune.peft import build_model, is_peft_model
-from dist_tune.schedule import steps_per_epoch, total_steps
+from dist_tune.peft import build_model
+from dist_tune.schedule import batch_terms, global_batch, steps_per_epoch, total_steps
 from dist_tune.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,8 @@ def flops_model(model: torch.nn.Module) -> metrics.FlopsModel:
     total, trainable = count_parameters(model)
     head = model.get_output_embeddings()
     head_total, head_trainable = count_parameters(head) if head is not None else (0, 0)
-    embedding = model.get_input_embeddings()
-    tied = head is not None and not {id(p) for p in head.parameters()}.isdisjoint(map(id, embedding.parameters()))
-    embedding_total, embedding_trainable = (0, 0) if tied else count_parameters(embedding)
+    tied = init_weights.tied_embeddings(model)
+    embedding_total, embedding_trainable = (0, 0) if tied else count_parameters(model.get_input_embeddings())
     return metrics.FlopsModel(body=total - head_total - embedding_total,
                               body_trainable=trainable - head_trainable - embedding_trainable,
                               head=head_total, head_trainable=head_trainable,
@@ -80,58 +80,9 @@ def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
     return compute
 
 
-def export_final(engine: Engine, tokenizer, out_dir: Path) -> None:
-    """final/: a peft run's adapter directory, or the whole model as HF sharded safetensors; no rank ever holds
-    the whole model (see save_adapter, save_model). Collective: every rank calls it."""
-    if engine.env.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        hf_save.clear_weights(out_dir)
-    engine.barrier()
-    if is_peft_model(engine.unwrap()):
-        save_adapter(engine, tokenizer, out_dir)
-    else:
-        save_model(engine, out_dir)
-    if engine.env.rank == 0:
-        tokenizer.save_pretrained(str(out_dir))
-    engine.barrier()
-
-
-def save_adapter(engine: Engine, tokenizer, out_dir: Path) -> None:
-    """peft's own adapter directory. Sharded engines gather only the trainable tensors (every rank takes part,
-    rank 0 keeps them) into the peft model rebuilt on the meta device, so the frozen base is never gathered or
-    reloaded; the others hold the whole model on rank 0 already."""
-    if not engine.shards_state:
-        if engine.env.rank == 0:
-            engine.unwrap().save_pretrained(str(out_dir))
-        return
-    state = {}
-    for tensor in engine.full_tensors(trainable_only=True):
-        value = tensor.gather()
-        if engine.env.rank == 0:
-            state[tensor.name] = value.detach().to("cpu", tensor.dtype)
-    if engine.env.rank == 0:
-        model = build_model(engine.cfg, tokenizer, torch.device("meta"))
-        unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
-        if unexpected:
-            raise RuntimeError(f"the rebuilt peft model has no parameters {unexpected[:3]}")
-        model.save_pretrained(str(out_dir), save_embedding_layers=False)  # the base embeddings were frozen
-
-
-def save_model(engine: Engine, out_dir: Path) -> None:
-    """HF sharded safetensors of checkpoint.max_shard_size, gathered one tensor at a time, file i written by rank
-    i % world size (hf_save.write_sharded), plus config.json and generation_config.json."""
-    tensors = engine.full_tensors()
-    hf_save.write_sharded(out_dir, tensors, rank=engine.env.rank, world_size=engine.env.world_size,
-                          max_shard_size=engine.cfg.checkpoint.max_shard_size,
-                          total_parameters=count_parameters(engine.unwrap())[0])
-    if engine.env.rank == 0:
-        hf_save.write_config(engine.unwrap(), out_dir, hf_save.saved_dtype(tensors))
-
-
 def describe_batch(cfg: Config, env: cluster.ClusterEnv) -> str:
-    t = cfg.train
-    return (f"global batch = micro {t.micro_batch_size} × accumulation {t.grad_accum} × data-parallel "
-            f"{env.world_size} = {t.micro_batch_size * t.grad_accum * env.world_size} sequences per step")
+    return (f"global batch = {batch_terms(cfg, env.world_size)} = {global_batch(cfg, env.world_size)} sequences "
+            "per step")
 
 
 def resume_state(engine: Engine, path: Path | None, model_name: str) -> ckpt.TrainState:
@@ -184,7 +135,8 @@ def build_trainer(cfg: Config, env: cluster.ClusterEnv, device: torch.device, ru
              describe_batch(cfg, env), steps, flops_formula(cfg))
     return Trainer(cfg, engine, batches, steps, val_set, tokenizer, run_dir,
                    metrics=metrics.MetricsLogger(cfg, run_dir, rank=env.rank, total_steps=steps, start_step=state.step),
-                   preemption=handler, mfu=mfu_function(cfg, model, engine), state=state)
+                   preemption=handler, mfu=mfu_function(cfg, model, engine), state=state,
+                   after_step=faults.kill_hook(run_dir, env.rank))
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -194,7 +146,6 @@ def train(cfg: Config) -> dict[str, Any]:
     device = process_group.select_device(cfg.train.device, env)
     process_group.init_distributed(env, device, process_group.backend_for(device, cfg.engine.cpu_offload),
                                    cfg.engine.timeout_minutes, group_when_alone=cfg.engine.kind == "deepspeed")
-    metrics.rank_logging(env.rank)
     try:
         run_dir = resolve_run_dir(cfg)
         with run_lock.hold(run_dir, env):

@@ -1,4 +1,4 @@
-"""Schedule arithmetic: optimizer steps per epoch and in the whole run."""
+"""Schedule arithmetic: the global batch, optimizer steps per epoch and in the whole run."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,15 @@ def steps_per_epoch(micro_batches: int, grad_accum: int) -> int:
                         f"train.grad_accum={grad_accum}; use more data or a smaller batch")
     return steps
 
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Sequences per optimizer step: micro batch × accumulation × data-parallel world size."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+
+
+def batch_terms(cfg: Config, world_size: int) -> str:
+    """The global batch's factors in words: `micro 8 × accumulation 2 × data-parallel 4`."""
+    return f"micro {cfg.train.micro_batch_size} × accumulation {cfg.train.grad_accum} × data-parallel {world_size}"
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +99,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """The loop; run.build_trainer builds everything it talks to. `batches` gives this rank's training
     micro-batches from where `state` says training is (fresh or resumed: mid-epoch, or mid-stream),
-    `mfu` maps (tokens/s, mean example length, logit positions per token) to MFU or None."""
+    `mfu` maps (tokens/s, mean example length, logit positions per token) to MFU or None; `after_step`, when
+    set, is called once after each step that did not stop the run (faults.kill_hook, for tests)."""
     cfg: Config
     engine: Engine
     batches: EpochBatches | StreamBatches
@@ -113,6 +112,7 @@ class Trainer:
     preemption: PreemptionHandler
     mfu: Callable[[float, float, float], float | None]
     state: ckpt.TrainState
+    after_step: Callable[[ckpt.TrainState], None] | None = None
     last_saved_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -238,16 +238,6 @@ class Trainer:
             self.state.evals_without_improvement += 1
         return self.state.evals_without_improvement >= patience
 
-    def _maybe_inject_fault(self) -> None:
-        """Test hook: DIST_TUNE_KILL_AT_STEP=N SIGKILLs rank DIST_TUNE_KILL_RANK (0) after step N, once per run dir."""
-        kill_at = int(os.environ.get("DIST_TUNE_KILL_AT_STEP", "0"))
-        marker = self.run_dir / f"fault_injected_at_{kill_at}"
-        if kill_at != self.state.step or self.engine.env.rank != int(os.environ.get("DIST_TUNE_KILL_RANK", "0")):
-            return
-        if not marker.exists():
-            marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def _after_step(self, history: dict[str, Any], total: int) -> str | None:
         """Checkpoint (before the evaluation, so a signal during it loses nothing; the last step too, so a larger
         train.max_steps continues from it), evaluate, then stop on a preemption signal; why it stopped, or None."""
@@ -258,7 +248,8 @@ class Trainer:
         stopped = self._evaluate_step(history) if evaluate_now else None
         if stopped:
             return stopped
-        self._maybe_inject_fault()
+        if self.after_step is not None:
+            self.after_step(self.state)
         if self.preemption.should_stop():
             self.save()
             return "preempted"

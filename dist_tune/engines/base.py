@@ -81,8 +81,9 @@ class Engine:
 
     def grad_sum_factor(self) -> float:
         """What the loss is multiplied by so the backend's gradient average over ranks becomes a sum (the loss
-        is already normalised by the global target count)."""
-        return 1.0
+        is already normalised by the global target count): the world size (DDP, FSDP and DeepSpeed average over
+        every rank; the single engine runs on one)."""
+        return float(self.env.world_size)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate one micro-batch's loss, accumulating gradients; the update happens in step()."""

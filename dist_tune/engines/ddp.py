@@ -17,8 +17,5 @@ class DDPEngine(SingleEngine):
     def unwrap(self) -> torch.nn.Module:
         return self.model.module
 
-    def grad_sum_factor(self) -> float:
-        return float(self.env.world_size)
-
     def no_sync(self, is_last_micro_step: bool):
         return super().no_sync(True) if is_last_micro_step else self.model.no_sync()

@@ -96,15 +96,13 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
     """A parameter or buffer whole: a trainable parameter's fp32 master (the module holds a bf16/fp16 copy under
     mixed precision), a frozen ZeRO-3 parameter gathered from its partitions, anything else as the module holds it.
     Collective under ZeRO: every rank calls it for the same tensor."""
-    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     master = safe_get_full_fp32_param(p) if p.requires_grad else None
     if master is not None:
         return master
-    if hasattr(p, "ds_id"):
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            return p.detach().clone()
+    if zero3.is_partitioned(p):
+        return zero3.gathered(p)
     return p.detach()
 
 
@@ -171,9 +169,6 @@ class DeepSpeedEngine(Engine):
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**batch)
 
-    def grad_sum_factor(self) -> float:
-        return float(self.env.world_size)
-
     def no_sync(self, is_last_micro_step: bool):
         """DeepSpeed reduces (ZeRO-1) and may update only at the accumulation boundary it is told about."""
         self.model.set_gradient_accumulation_boundary(is_last_micro_step)
@@ -219,7 +214,7 @@ class DeepSpeedEngine(Engine):
 
     def full_tensor(self, name: str, tensor: torch.Tensor) -> FullTensor:
         """Saved in the dtype it had before DeepSpeed cast the module (as the other engines save it)."""
-        return FullTensor(name, tuple(getattr(tensor, "ds_shape", tensor.shape)),
+        return FullTensor(name, tuple(init_weights.full_shape(tensor)),
                           self.saved_dtypes.get(name, tensor.dtype), partial(full_value, tensor))
 
     def local_state_bytes(self) -> dict[str, int]:

@@ -55,9 +55,9 @@ def untied_ends(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The input embedding and the output head, unless they share their weight (GPT-2, Llama-3.2): FSDP's root
     unit stays gathered through the whole forward and backward, so a 128k-token vocabulary would keep both
     matrices whole on every rank all step (2 GiB at Llama-3-8B's size in bf16); tied, they stay in the root."""
-    ends = [end for end in (model.get_input_embeddings(), model.get_output_embeddings()) if end is not None]
-    shared = len(ends) == 2 and {id(p) for p in ends[0].parameters()} & {id(p) for p in ends[1].parameters()}
-    return [] if shared else ends
+    if init_weights.tied_embeddings(model):
+        return []
+    return [end for end in (model.get_input_embeddings(), model.get_output_embeddings()) if end is not None]
 
 
 def shard_units(model: torch.nn.Module, shard_unit: str) -> list[torch.nn.Module]:
@@ -142,9 +142,6 @@ class FSDPEngine(Engine):
 
     def autocast(self):
         return contextlib.nullcontext()
-
-    def grad_sum_factor(self) -> float:
-        return float(self.env.world_size)
 
     def no_sync(self, is_last_micro_step: bool):
         """engine.sync_each_batch: reduce-scatter every micro-batch's gradients, so only sharded gradients are kept

@@ -6,14 +6,16 @@ import logging
 import torch
 
 from dist_tune.config import Config, loss_chunk_positions, shards_parameters
+from dist_tune.errors import UserError
 from dist_tune.host_heap import release_after_each_block
+from dist_tune.init_weights import base_model, shared_parameters
 from dist_tune.loss import ChunkedHeadLoss, liger_loss
 from dist_tune.models import decoder_layers
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in backward (non-reentrant, so frozen inputs are fine)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
 
@@ -60,18 +62,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def tied_aliases(model: torch.nn.Module) -> set[str]:
-    """Second names of shared parameters (GPT-2's `lm_head.weight`, tied to the input embedding), which sharded
-    engines' state dicts list beside the first."""
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-
-
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy a trainable-state dict into the model, requiring exactly the same keys and shapes (tied aliases
-    aside)."""
-    from dist_tune.errors import UserError
-
-    aliases = tied_aliases(model)
+    aside: sharded engines' state dicts list a shared parameter's second name beside the first)."""
+    aliases = {alias for alias, _ in shared_parameters(model)}
     state = {k: v for k, v in state.items() if k not in aliases}
     own = dict(model.named_parameters())
     expected = {n for n, p in own.items() if p.requires_grad}

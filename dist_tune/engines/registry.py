@@ -15,13 +15,17 @@ def check_replicate_degree(cfg: Config, world_size: int) -> None:
                         f"{world_size}; set it to a divisor, usually the number of nodes")
 
 
+def check_single_process(cfg: Config, world_size: int) -> None:
+    if cfg.engine.kind == "single" and world_size > 1:
+        raise UserError(f"engine.kind=single cannot run in {world_size} processes; use ddp, fsdp or deepspeed")
+
+
 def build_engine(cfg: Config, env: ClusterEnv, device: torch.device) -> Engine:
     kind = cfg.engine.kind
     if kind in ("ddp", "fsdp") and env.launcher == "single":
         raise UserError(f"engine.kind={kind} needs a process group; launch with torchrun (launch/torchrun_local.sh, "
                         "--nproc_per_node 1 is fine) or use engine.kind=single")
-    if kind == "single" and env.world_size > 1:
-        raise UserError(f"engine.kind=single cannot run in {env.world_size} processes; use ddp, fsdp or deepspeed")
+    check_single_process(cfg, env.world_size)
     check_replicate_degree(cfg, env.world_size)
     if kind == "single":
         from dist_tune.engines.single import SingleEngine

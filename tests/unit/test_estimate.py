@@ -6,7 +6,8 @@ import pytest
 
 from dist_tune.cli import main as cli_main
 from dist_tune.config import load_config
-from dist_tune.estimate import GIB, bytes_per_param, counts, estimate, meta_model, shard_factors
+from dist_tune.estimate import GIB, bytes_per_param, estimate, meta_model, shard_factors
+from dist_tune.models import count_parameters
 
 # tiny-llama with the shipped 1606-token tokenizer: hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 176.
 # per layer: q 64·64 + k 64·32 + v 64·32 + o 64·64 = 12288, MLP 3·64·176 = 33792, 2 norms 128 → 46208
@@ -41,7 +42,7 @@ def test_shard_factors_follow_the_zero_stages(kind, stage, expected):
 
 def test_tiny_llama_parameter_count_matches_the_hand_count():
     model, hf_cfg = meta_model(cfg_for(**{"model.name_or_path": "tiny-llama"}))
-    total, trainable = counts(model)
+    total, trainable = count_parameters(model)
     assert total == trainable == TINY_N == 298_048
     assert (hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.vocab_size) == (64, 2, 1606)
 

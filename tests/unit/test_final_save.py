@@ -1,4 +1,4 @@
-"""run.export_final in one process: a sharding engine's peft save gathers only the adapter tensors and peft's own
+"""export.export_final in one process: a sharding engine's peft save gathers only the adapter tensors and peft's own
 save writes them (every peft method); a full save is transformers' sharded layout and reloads with the same logits."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 from dist_tune import hf_save
 from dist_tune.cluster import ClusterEnv
 from dist_tune.config import load_config
+from dist_tune.export import export_final
 from dist_tune.engines.single import SingleEngine
 from dist_tune.models import load_model, load_tokenizer
 from dist_tune.optim import optimizer_factory, scheduler_factory
 from dist_tune.peft import build_model
-from dist_tune.run import export_final
 
 
 class ShardingEngine(SingleEngine):
