@@ -211,9 +211,9 @@ def run_dt(args: argparse.Namespace, workdir: str) -> dict:
     seen: dict = {}
     real_step = Trainer.train_step
 
-    def timed_step(self, micro_batches):
+    def timed_step(self, micro_batches, problem=None):
         start = time.perf_counter()
-        result = real_step(self, micro_batches)
+        result = real_step(self, micro_batches, problem)
         end = time.perf_counter()
         stats = [batch_stats(b) for b in micro_batches]
         clock.ends.append(end)

@@ -16,7 +16,7 @@ from dist_tune.config import Config
 from dist_tune.data.loader import EpochBatches, build_loader
 from dist_tune.data.stream import StreamBatches
 from dist_tune.engines.base import Engine
-from dist_tune.errors import TrainingError
+from dist_tune.errors import DataError, TrainingError
 from dist_tune.generation import generation_eval, write_generations
 from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
 from dist_tune.preemption import PreemptionHandler
@@ -118,20 +118,31 @@ class Trainer:
     def __post_init__(self) -> None:
         self.causal = self.cfg.model.task == "causal_lm"
 
-    def _next_micro_batches(self) -> tuple[list[dict], float]:
-        """grad_accum micro-batches for one step, and the seconds spent waiting for them."""
+    def _next_micro_batches(self) -> tuple[list[dict], float, DataError | None]:
+        """grad_accum micro-batches for one step, the seconds spent waiting for them, and the bad-data error a
+        stream raised instead (train_step stops every rank on it)."""
         start = time.perf_counter()
-        batches = self.batches.take(self.state, self.cfg.train.grad_accum)
-        return batches, time.perf_counter() - start
+        try:
+            batches, problem = self.batches.take(self.state, self.cfg.train.grad_accum), None
+        except DataError as exc:
+            batches, problem = [], exc
+        return batches, time.perf_counter() - start, problem
 
     # --- one step ------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]],
+                   problem: DataError | None = None) -> StepResult:
+        """One optimizer step. `problem`: this rank's data failed it (no batches); the step's first collective
+        tells every rank, and each stops with one line rather than waiting on a rank that is gone."""
         engine, device = self.engine, self.engine.device
         counts = torch.tensor([sum(target_count(b, self.causal) for b in micro_batches),
                                sum(int(b["attention_mask"].sum()) for b in micro_batches),
                                sum(sequence_count(b) for b in micro_batches),
-                               sum(logit_positions(b) for b in micro_batches)], dtype=torch.float64)
-        global_targets, tokens, samples, logits = engine.all_reduce_sum(counts.to(device)).tolist()
+                               sum(logit_positions(b) for b in micro_batches), problem is not None],
+                              dtype=torch.float64)
+        global_targets, tokens, samples, logits, failed = engine.all_reduce_sum(counts.to(device)).tolist()
+        if failed:
+            raise problem or DataError("another rank stopped on bad streamed data (its one-line error is in the "
+                                       "job's output); fix or drop that record")
         start = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro_batches):
@@ -266,8 +277,8 @@ class Trainer:
                      self.state.step, total)
         stopped = self._evaluate_step(history) if self.state.eval_pending else None
         while stopped is None and self.state.step < total:
-            micro, wait = self._next_micro_batches()
-            result = self.train_step(micro)
+            micro, wait, problem = self._next_micro_batches()
+            result = self.train_step(micro, problem)
             result.data_wait_s = wait
             self.state.step += 1
             self._track_bad_step(result)

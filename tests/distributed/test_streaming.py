@@ -46,3 +46,26 @@ def test_a_streamed_run_resumes_on_the_next_row(tmp_path):
     assert no_rows.stderr.strip().splitlines()[-1] == (
         f"dist-tune: error: run '{tmp_path / 'straight'}' has no validation rows (data.validation_split=0, or "
         "streamed data without data.validation_path); pass --data.validation_path=FILE")
+
+
+@pytest.mark.slow
+def test_a_bad_streamed_record_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """Rank 1's share (the second of 2 shards) holds a record with no text: rank 1 names it, rank 0 says another
+    rank stopped, and no rank prints a traceback (no gloo 'connection closed' from the rank left waiting)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "part-0.jsonl", 40, seed=0)
+    write_jsonl(shards / "part-1.jsonl", 40, seed=1)
+    with (shards / "part-1.jsonl").open("a") as handle:
+        handle.write(json.dumps({"text": None}) + "\n")
+    proc = dist_tune("train", *TINY, "--engine.kind=ddp", f"--data.path={shards}", "--data.format=text",
+                     "--data.streaming=true", "--data.validation_split=0", "--train.max_steps=200",
+                     f"--train.output_dir={tmp_path}", nproc=2, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert f"dist-tune: error: a streamed record of '{shards}' has no text in 'text'; fill it in or drop the record" \
+        in lines
+    assert ("dist-tune: error: another rank stopped on bad streamed data (its one-line error is in the job's "
+            "output); fix or drop that record") in lines
+    assert not any(line.startswith("[rank") and "Traceback" in line for line in lines)
+    assert "connection closed" not in proc.stderr.lower()

@@ -241,8 +241,8 @@ def nan_at(monkeypatch, trainer: Trainer, bad_steps: set[int]) -> list[dict[str,
     snapshots = [{k: v.detach().clone() for k, v in trainer.engine.unwrap().named_parameters()}]
     real_step = trainer.train_step
 
-    def step_and_snapshot(micro):
-        result = real_step(micro)
+    def step_and_snapshot(micro, problem=None):
+        result = real_step(micro, problem)
         snapshots.append({k: v.detach().clone() for k, v in trainer.engine.unwrap().named_parameters()})
         return result
 
