@@ -91,14 +91,17 @@ def test_ranks_read_disjoint_shares_that_cover_the_stream(tmp_path, tok, caplog,
     assert abs(len(shares[0]) - len(shares[1])) <= 10
 
 
-@pytest.mark.parametrize("pack, stop_after", [(True, 11), (False, 23)])
-def test_a_saved_place_resumes_on_exactly_the_next_batch(tmp_path, tok, pack, stop_after):
+@pytest.mark.parametrize("pack, stop_after, mixture", [(True, 11, False), (False, 23, False), (True, 9, True)])
+def test_a_saved_place_resumes_on_exactly_the_next_batch(tmp_path, tok, pack, stop_after, mixture):
     """Stopped just before (packed) or after (plain) the end of an epoch: 40 short records give ~12 packed or 20
-    plain batches."""
+    plain batches; a 2:1 mixture of two such sources resumes its draw too."""
     path = write_shards(tmp_path / "shards", 2, 20)
     cfg = stream_cfg(tmp_path, path, pack=pack)
+    if mixture:
+        other = write_shards(tmp_path / "other", 1, 20, seed=5, tag="beta")
+        cfg.data.sources = [SourceConfig(path=path, weight=2.0), SourceConfig(path=other, weight=1.0)]
     straight = batches_for(cfg, tok)
-    expected = [straight.next_batch() for _ in range(stop_after + 12)]
+    expected = [straight.next_batch() for _ in range(stop_after + (40 if mixture else 12))]
     assert straight.epoch >= 1
     first = batches_for(cfg, tok)
     for _ in range(stop_after):
