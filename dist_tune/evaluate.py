@@ -15,7 +15,7 @@ from dist_tune.engines.single import SingleEngine
 from dist_tune.errors import UserError
 from dist_tune.export import load_trained
 from dist_tune.generation import GENERATIONS_FILE
-from dist_tune.trainer import evaluate
+from dist_tune.evaluation import evaluate_model
 
 log = logging.getLogger(__name__)
 GENERATE_SAMPLES = 16  # prompts for --generate when the run's config sets none
@@ -40,7 +40,7 @@ def evaluate_run(run_dir: Path, overrides: dict, generate: bool = False) -> dict
     if val_set is None:
         raise UserError(f"run '{run_dir}' has no validation rows (data.validation_split=0, or streamed data without "
                         "data.validation_path); pass --data.validation_path=FILE")
-    evaluation = evaluate(cfg, engine, val_set, tokenizer)
+    evaluation = evaluate_model(cfg, engine, val_set, tokenizer)
     evaluation.write(run_dir)
     if evaluation.generations:
         log.info("wrote %d generations to %s", len(evaluation.generations), Path(run_dir) / GENERATIONS_FILE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_tune.config import Config
-from dist_tune.trainer import EvalTally, Evaluation, class_names, classification_metrics
+from dist_tune.evaluation import EvalTally, Evaluation, class_names, classification_metrics
 
 NAMES = ["neg", "neu", "pos", "other"]
 # rows: true class, columns: predicted. pos is predicted once but never true; other never occurs at all.
@@ -63,7 +63,7 @@ def test_a_rank_with_no_validation_rows_still_runs_the_other_ranks_forward_count
     from dist_tune.config import load_config
     from dist_tune.data.pipeline import build_datasets
     from dist_tune.models import load_tokenizer
-    from dist_tune.trainer import evaluate
+    from dist_tune.evaluation import evaluate_model
 
     cfg = load_config(overrides={"model.name_or_path": "tiny-llama", "data.max_length": 64,
                                  "data.prompt_template": "plain"})
@@ -75,6 +75,6 @@ def test_a_rank_with_no_validation_rows_still_runs_the_other_ranks_forward_count
     engine = SimpleNamespace(env=ClusterEnv(rank=1, world_size=2, launcher="torchrun"), device=torch.device("cpu"),
                              model=model, unwrap=lambda: model, all_reduce_max=lambda t: torch.ones_like(t),
                              all_reduce_sum=lambda t: t, forward=lambda inputs: seen.append(inputs["input_ids"]))
-    result = evaluate(cfg, engine, one_row, tokenizer)
+    result = evaluate_model(cfg, engine, one_row, tokenizer)
     assert len(seen) == 1 and seen[0].reshape(-1)[-len(one_row[0]["input_ids"]):].tolist() == one_row[0]["input_ids"]
     assert result.metrics["eval/loss"] == 0.0  # nothing of this rank's own was scored

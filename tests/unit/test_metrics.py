@@ -35,7 +35,7 @@ from dist_tune.metrics import (
     wandb_mode,
 )
 from dist_tune.run import flops_formula, flops_model, mfu_function
-from dist_tune.trainer import logit_positions
+from dist_tune.forward import logit_positions
 
 SECRET = "dt-secret-XYZ"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

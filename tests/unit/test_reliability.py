@@ -18,6 +18,7 @@ from helpers import TINY
 from dist_tune import checkpoint as ckpt
 from dist_tune import cluster, metrics
 from dist_tune import run as run_mod
+from dist_tune import evaluation as evaluation_mod
 from dist_tune import trainer as trainer_mod
 from dist_tune.cli import main
 from dist_tune.config import Config
@@ -356,20 +357,20 @@ def test_a_signal_during_evaluation_keeps_the_steps_checkpoint_and_the_resumed_r
     reference.train()
     expected, expected_evals = losses_and_evals(reference)
     trainer = build_trainer(cfg("run"), monkeypatch)
-    real_forward = trainer_mod.forward
+    real_forward = evaluation_mod.forward
 
     def forward_then_signal(engine, batch):
         if not engine.model.training and trainer.state.step == 2:
             signal.raise_signal(signal.SIGUSR1)
         return real_forward(engine, batch)
 
-    monkeypatch.setattr(trainer_mod, "forward", forward_then_signal)
+    monkeypatch.setattr(evaluation_mod, "forward", forward_then_signal)
     summary = trainer.train()
     assert summary["stopped"] == "preempted" and summary["steps"] == 2
     assert losses_and_evals(trainer)[1] == []  # the interrupted evaluation logged nothing
     saved = ckpt.latest_checkpoint(trainer.run_dir)
     assert saved.name == "step_00000002" and ckpt.read_state(saved).eval_pending
-    monkeypatch.setattr(trainer_mod, "forward", real_forward)
+    monkeypatch.setattr(evaluation_mod, "forward", real_forward)
     resumed = build_trainer(cfg("run"), monkeypatch)
     assert resumed.train()["stopped"] == "completed"
     losses, evals = losses_and_evals(resumed)
