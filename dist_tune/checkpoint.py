@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 DATA_STATE = "data_rank{rank}.pt"  # a streaming run's place in each rank's share of the stream
-FINISHED = "summary.json"  # metrics.SUMMARY_NAME: written when a run ends
+FINISHED = "summary.json"  # report.SUMMARY_NAME: written when a run ends
 
 
 @dataclass

@@ -14,7 +14,7 @@ import fire
 from dist_tune.config import Config, changed_values, dump_config, load_with_sources
 from dist_tune.errors import UserError
 from dist_tune.cluster import detect
-from dist_tune.metrics import rank_logging
+from dist_tune.logs import rank_logging
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def estimate_memory(config: str | None = None, world_size: int = 1, procs_per_no
 
 def report(run_dir: str) -> None:
     """Summary table of a finished or interrupted run."""
-    from dist_tune.metrics import report as run_report
+    from dist_tune.report import report as run_report
 
     print(run_report(Path(run_dir)))
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from dist_tune.config import VIRTUAL_TOKEN_METHODS, Config
 from dist_tune.engines.base import Engine
 from dist_tune.loss import IGNORE
-from dist_tune.metrics import warn_once
+from dist_tune.logs import warn_once
 
 log = logging.getLogger(__name__)
 

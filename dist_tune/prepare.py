@@ -8,7 +8,7 @@ from dist_tune.config import Config
 from dist_tune.data.pipeline import build_datasets, cache_dir
 from dist_tune.data.mixture import Mixture
 from dist_tune.data.prepared import manifests_of
-from dist_tune.metrics import peak_host_rss_per_rank
+from dist_tune.memory_probe import peak_host_rss_per_rank
 from dist_tune.models import check_sequence_length, load_tokenizer
 
 SUMMED = ("records", "examples", "dropped", "tokens", "at_max_length", "rows")

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from dist_tune import checkpoint as ckpt
-from dist_tune import cluster, faults, host_heap, init_weights, metrics, preemption, process_group, run_lock
+from dist_tune import (cluster, faults, flops, host_heap, init_weights, memory_probe, metrics, preemption,
+                       process_group, run_lock)
 from dist_tune.config import Config, dump_config, shards_parameters
 from dist_tune.data.collate import make_collator
 from dist_tune.data.loader import EpochBatches, build_loader
@@ -50,11 +51,11 @@ def rank0_first(engine: Engine, fn, *, per_node: bool = False):
 
 
 def flops_formula(cfg: Config) -> str:
-    return metrics.FLOPS_FORMULA_FULL if cfg.peft.method == "full" else metrics.FLOPS_FORMULA_PEFT
+    return flops.FLOPS_FORMULA_FULL if cfg.peft.method == "full" else flops.FLOPS_FORMULA_PEFT
 
 
-def flops_model(model: torch.nn.Module) -> metrics.FlopsModel:
-    """The model's parameters split into body and LM head (see metrics.FlopsModel): an untied input embedding
+def flops_model(model: torch.nn.Module) -> flops.FlopsModel:
+    """The model's parameters split into body and LM head (see flops.FlopsModel): an untied input embedding
     is left out, a tied one counted once, as the head; classifiers have no LM head (their score layer is body)."""
     hf = getattr(model, "config", None)
     total, trainable = count_parameters(model)
@@ -62,7 +63,7 @@ def flops_model(model: torch.nn.Module) -> metrics.FlopsModel:
     head_total, head_trainable = count_parameters(head) if head is not None else (0, 0)
     tied = init_weights.tied_embeddings(model)
     embedding_total, embedding_trainable = (0, 0) if tied else count_parameters(model.get_input_embeddings())
-    return metrics.FlopsModel(body=total - head_total - embedding_total,
+    return flops.FlopsModel(body=total - head_total - embedding_total,
                               body_trainable=trainable - head_trainable - embedding_trainable,
                               head=head_total, head_trainable=head_trainable,
                               n_layers=getattr(hf, "num_hidden_layers", 0), hidden=getattr(hf, "hidden_size", 0))
@@ -71,12 +72,12 @@ def flops_model(model: torch.nn.Module) -> metrics.FlopsModel:
 def mfu_function(cfg: Config, model: torch.nn.Module, engine: Engine):
     """MFU of a logged window from (tokens/s, mean example length, logit positions per token), at the peak
     of the dtype the matmuls run in."""
-    flops = flops_model(model)
-    peak = metrics.peak_flops_per_device(engine.device, metrics.compute_dtype(cfg))
+    counted = flops_model(model)
+    peak = flops.peak_flops_per_device(engine.device, flops.compute_dtype(cfg))
 
     def compute(tokens_per_s: float, seq_len: float, logit_positions_per_token: float) -> float | None:
-        per_token = flops.per_token(seq_len, logit_positions_per_token)
-        return metrics.mfu(tokens_per_s, per_token, peak, engine.env.world_size)
+        per_token = counted.per_token(seq_len, logit_positions_per_token)
+        return flops.mfu(tokens_per_s, per_token, peak, engine.env.world_size)
     return compute
 
 
@@ -151,7 +152,7 @@ def train(cfg: Config) -> dict[str, Any]:
         with run_lock.hold(run_dir, env):
             with host_heap.returning_large_frees():
                 trainer = build_trainer(cfg, env, device, run_dir)
-            load_peak = metrics.peak_host_rss_per_rank()
+            load_peak = memory_probe.peak_host_rss_per_rank()
             host_heap.use_for_steps(shards_parameters(cfg) and device.type == "cpu")
             summary = trainer.train()
             summary.update(trainer.engine.local_state_bytes())
@@ -160,7 +161,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 with host_heap.returning_large_frees():
                     export_final(trainer.engine, trainer.tokenizer, run_dir / "final")
             summary["load_peak_host_rss_gib_per_rank"] = load_peak
-            summary["peak_host_rss_gib_per_rank"] = metrics.peak_host_rss_per_rank()
+            summary["peak_host_rss_gib_per_rank"] = memory_probe.peak_host_rss_per_rank()
             summary["run_dir"] = str(run_dir)
             trainer.metrics.close(summary)
         if summary["stopped"] == "preempted":

@@ -19,7 +19,8 @@ from dist_tune.engines.base import Engine
 from dist_tune.errors import DataError, TrainingError
 from dist_tune.evaluation import evaluate_model
 from dist_tune.forward import forward, logit_positions, loss_sum, sequence_count, target_count, to_device
-from dist_tune.metrics import MetricsLogger, memory_metrics, reset_peak_memory
+from dist_tune.memory_probe import memory_metrics, reset_peak_memory
+from dist_tune.metrics import MetricsLogger
 from dist_tune.preemption import PreemptionHandler
 
 log = logging.getLogger(__name__)

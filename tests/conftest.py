@@ -13,7 +13,7 @@ def runs_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_logging():
-    """In-process CLI calls install dist_tune's rank prefix and levels (metrics.rank_logging); undo them so the
+    """In-process CLI calls install dist_tune's rank prefix and levels (logs.rank_logging); undo them so the
     next test's caplog sees plain records."""
     factory, level = logging.getLogRecordFactory(), logging.getLogger().level
     yield

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, TINY_OVERRIDES
-from dist_tune import metrics
+from dist_tune import logs
 from dist_tune.cli import main
 from dist_tune.config import Config
 from dist_tune.engines.deepspeed import ds_config
@@ -34,16 +34,16 @@ def cli_env(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     yield
-    if metrics._handler is not None:  # the log handler was pointed at this test's captured stderr
-        metrics._handler.stream = sys.__stderr__  # no flush: capsys closed it
+    if logs._handler is not None:  # the log handler was pointed at this test's captured stderr
+        logs._handler.stream = sys.__stderr__  # no flush: capsys closed it
 
 
 @pytest.fixture
 def cli(capsys, tmp_path):
     """cli(*args) -> (exit code, stdout, stderr) of `dist-tune ARGS` run in this process."""
     def run(*args: str) -> tuple[int, str, str]:
-        metrics.rank_logging(0)
-        metrics._handler.stream = sys.stderr  # log records land in the captured stderr, like the real CLI's
+        logs.rank_logging(0)
+        logs._handler.stream = sys.stderr  # log records land in the captured stderr, like the real CLI's
         code = 0
         try:
             main(list(args))

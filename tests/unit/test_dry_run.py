@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_tune import metrics
+from dist_tune import logs
 from dist_tune.checkpoint import COMPLETE, STATE_FILE, TrainState, step_dir
 from dist_tune.cli import main, resolve_recipe
 from dist_tune.config import load_config
@@ -35,8 +35,8 @@ def clean_env(monkeypatch):
     yield
     logging.setLogRecordFactory(factory)  # main() installs the CLI's rank logging: undo it
     logging.getLogger().setLevel(level)
-    if metrics._handler is not None:
-        metrics._handler.stream = sys.__stderr__
+    if logs._handler is not None:
+        logs._handler.stream = sys.__stderr__
 
 
 def dry_run(tmp_path: Path, capsys, *args: str) -> dict[str, str]:

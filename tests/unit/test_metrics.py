@@ -12,28 +12,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import read_wandb_log
-from dist_tune import metrics
+from dist_tune import flops, logs
 from dist_tune.config import Config
 from dist_tune.errors import UserError
-from dist_tune.metrics import (
-    FLOPS_FORMULA_FULL,
-    FLOPS_FORMULA_PEFT,
-    GIB,
-    FlopsModel,
-    JsonlSink,
-    MetricsLogger,
-    WandbSink,
-    compute_dtype,
-    host_rss_gib,
-    memory_metrics,
-    mfu,
-    peak_flops_per_device,
-    plot_run,
-    read_jsonl,
-    report,
-    reset_peak_memory,
-    wandb_mode,
-)
+from dist_tune.flops import FLOPS_FORMULA_FULL, FLOPS_FORMULA_PEFT, FlopsModel, compute_dtype, mfu, peak_flops_per_device
+from dist_tune.memory_probe import GIB, host_rss_gib, memory_metrics, reset_peak_memory
+from dist_tune.metrics import JsonlSink, MetricsLogger, WandbSink, wandb_mode
+from dist_tune.report import plot_run, read_jsonl, report
 from dist_tune.run import flops_formula, flops_model, mfu_function
 from dist_tune.forward import logit_positions
 
@@ -141,7 +126,7 @@ def test_compute_dtype(mixed_precision, dtype, qlora, expected):
 
 
 def test_mfu_function_uses_the_compute_dtype_peak(monkeypatch):
-    monkeypatch.delenv(metrics.PEAK_FLOPS_ENV, raising=False)
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 NVL")
     cfg = Config()
     cfg.model.dtype, cfg.engine.mixed_precision = "bfloat16", "fp32"
@@ -152,7 +137,7 @@ def test_mfu_function_uses_the_compute_dtype_peak(monkeypatch):
 
 
 def test_peak_flops_table_and_override(monkeypatch):
-    monkeypatch.delenv(metrics.PEAK_FLOPS_ENV, raising=False)
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)
     assert peak_flops_per_device(torch.device("cpu"), "bf16") is None
     names = {"NVIDIA H100 80GB HBM3": (989e12, 67e12), "NVIDIA H100 PCIe": (756e12, 51e12),
              "NVIDIA H100 NVL": (835e12, 60e12), "NVIDIA H200": (989e12, 67e12), "NVIDIA H200 NVL": (835e12, 60e12),
@@ -164,7 +149,7 @@ def test_peak_flops_table_and_override(monkeypatch):
         assert peak_flops_per_device(torch.device("cuda"), "fp32") == fp32, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
     assert peak_flops_per_device(torch.device("cuda"), "bf16") is None
-    monkeypatch.setenv(metrics.PEAK_FLOPS_ENV, "1.5e12")
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "1.5e12")
     assert peak_flops_per_device(torch.device("cpu"), "fp32") == 1.5e12
 
 
@@ -366,16 +351,16 @@ def test_rank_logging_and_warn_once(caplog):
     root = logging.getLogger()
     level, factory = root.level, logging.getLogRecordFactory()
     try:
-        metrics.rank_logging(3)
+        logs.rank_logging(3)
         assert root.level == logging.WARNING
         with caplog.at_level(logging.WARNING):
             for _ in range(3):
-                metrics.warn_once("only once please")
+                logs.warn_once("only once please")
             logging.getLogger("other.lib").warning("hello %s", "there")
         messages = [r.getMessage() for r in caplog.records]
         assert messages == ["[rank 3] only once please", "[rank 3] hello there"]
     finally:
         logging.setLogRecordFactory(factory)
-        root.removeHandler(metrics._handler)
-        metrics._handler = None
+        root.removeHandler(logs._handler)
+        logs._handler = None
         root.setLevel(level)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from dist_tune import metrics, run
+from dist_tune import logs, run
 from dist_tune.cli import RECIPES, main, recipe_names, resolve_recipe
 from dist_tune.config import Config, changed_values, load_config, load_with_sources
 from dist_tune.estimate import estimate
@@ -29,8 +29,8 @@ def restore_logging():
     yield
     logging.setLogRecordFactory(factory)
     logging.getLogger().setLevel(level)
-    if metrics._handler is not None:
-        metrics._handler.stream = sys.__stderr__
+    if logs._handler is not None:
+        logs._handler.stream = sys.__stderr__
 
 
 @pytest.fixture
@@ -120,8 +120,8 @@ def test_changed_values_name_their_source(tmp_path):
 def test_train_logs_every_changed_value_with_its_source(monkeypatch, capsys):
     trained = []
     monkeypatch.setattr(run, "train", lambda cfg: trained.append(cfg) or {"steps": 0})
-    metrics.rank_logging(0)
-    metrics._handler.stream = sys.stderr  # the captured stderr, as the real CLI's log lands on stderr
+    logs.rank_logging(0)
+    logs._handler.stream = sys.stderr  # the captured stderr, as the real CLI's log lands on stderr
     main(["train", "demo", "--optim.lr=0.01", "--train.max_steps=3"])
     err = capsys.readouterr().err
     logged = re.findall(r"INFO dist_tune\.cli: \[rank 0\] config: (.*)", err)

@@ -16,7 +16,7 @@ import torch
 
 from helpers import TINY
 from dist_tune import checkpoint as ckpt
-from dist_tune import cluster, metrics
+from dist_tune import cluster, logs
 from dist_tune import run as run_mod
 from dist_tune import evaluation as evaluation_mod
 from dist_tune import trainer as trainer_mod
@@ -300,8 +300,8 @@ def cli(capsys, clean_env, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
     def run(*args: str) -> tuple[int, str, str]:
-        metrics.rank_logging(0)
-        metrics._handler.stream = sys.stderr
+        logs.rank_logging(0)
+        logs._handler.stream = sys.stderr
         try:
             main(list(args))
             code = 0
@@ -310,8 +310,8 @@ def cli(capsys, clean_env, monkeypatch):
         return (code, *capsys.readouterr())
 
     yield run
-    if metrics._handler is not None:
-        metrics._handler.stream = sys.__stderr__
+    if logs._handler is not None:
+        logs._handler.stream = sys.__stderr__
 
 
 def test_cli_nan_policy_skip_counts_skipped_steps_in_the_summary(cli, tmp_path):
