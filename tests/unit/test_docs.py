@@ -27,7 +27,7 @@ CONFIG_SOURCE = ref.CONFIG_PY.read_text()
 
 
 def _with_train_field(line: str) -> str:
-    """dist_tune/config.py with `line` (and whatever follows it) added as the last field of TrainConfig."""
+    """dist_tune/config/schema.py with `line` (and whatever follows it) added as the last field of TrainConfig."""
     anchor = "\n\n\n@dataclass\nclass WandbConfig:"
     assert anchor in CONFIG_SOURCE
     return CONFIG_SOURCE.replace(anchor, f"\n    {line}{anchor}", 1)

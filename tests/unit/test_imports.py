@@ -15,7 +15,8 @@ def module_name(path: Path) -> str:
 
 def imported(path: Path, modules: set[str]) -> set[str]:
     """dist_tune modules `path` imports anywhere in it (`from dist_tune.x import y` counts dist_tune.x.y when that
-    is a module, else dist_tune.x), with the subpackages whose `__init__` those imports run."""
+    is a module, else dist_tune.x), with the subpackages whose `__init__` those imports run (other than the
+    packages `path` itself is in, which are already being imported when it runs)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -23,7 +24,9 @@ def imported(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
                       for alias in node.names}
+    here = module_name(path)
     parents = {".".join(name.split(".")[:i]) for name in found for i in range(2, name.count(".") + 1)}
+    parents = {parent for parent in parents if not here.startswith(f"{parent}.")}  # its own package is running
     return {name for name in found | parents if name in modules}
 
 
