@@ -56,25 +56,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if hint in (int, float):
+        return _number(value, hint, key)
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return str(value)
     return value
+
+
+def _number(value: Any, kind: type, key: str) -> int | float:
+    """value as an int (no fractional part) or a float; never from a bool."""
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"config key '{key}' expects {wanted}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {wanted}, got {value!r}") from None
 
 
 def _sections(value: Any, cls: type, key: str) -> list[Any]:
