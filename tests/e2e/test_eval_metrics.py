@@ -49,6 +49,7 @@ def test_generation_metrics_every_eval_and_from_the_eval_command(runs_root):
     assert len(read_jsonl(run_dir / "generations.jsonl")) == GENERATE_SAMPLES
 
 
+@pytest.mark.slow
 def test_classification_reports_per_class_metrics_and_the_confusion_matrix(runs_root):
     run_dir = runs_root / "cls-report"
     dist_tune("train", *TINY, "--model.task=classification", "--data.format=classification",

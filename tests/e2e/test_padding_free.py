@@ -53,6 +53,7 @@ def test_every_variant_trains_exactly_like_padded_rows(runs):
         assert summary["final_eval_loss"] == pytest.approx(eval_reference, rel=1e-4), name
 
 
+@pytest.mark.slow
 def test_the_default_run_is_the_padding_free_one(runs):
     run_dir, _ = runs["default"]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["padding_free"] is True
